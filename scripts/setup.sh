@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs genlora with its test extras on a fresh machine.
+# torch first: an unpinned `torch` requirement would pull a multi-GB CUDA build, while torch==2.13.0 resolves to
+# the CPU wheel available locally. An already installed torch (e.g. the GPU machine's 2.11) is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q -e ".[test]"

@@ -1,0 +1,33 @@
+"""genlora: methods that make PEFT LoRA fine-tuning generalize, attached to an ordinary PEFT model."""
+
+from .config import MethodConfig
+from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, attach
+from .methods import FlatLoRA, FlatLoRAConfig, RMLoRA, RMLoRAConfig
+from .registry import load_methods, method_from_dict
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers' Trainer machinery; load it only when asked for.
+    if name == "GenLoRACallback":
+        from .integrations.trainer import GenLoRACallback
+
+        return GenLoRACallback
+    raise AttributeError(f"module 'genlora' has no attribute {name!r}")
+
+
+__all__ = [
+    "GENLORA_CONFIG_NAME",
+    "FlatLoRA",
+    "FlatLoRAConfig",
+    "GenLoRACallback",
+    "GenLoRAHandle",
+    "Method",
+    "MethodConfig",
+    "RMLoRA",
+    "RMLoRAConfig",
+    "attach",
+    "load_methods",
+    "method_from_dict",
+]

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks; the core never imports this package."""
