@@ -4,6 +4,8 @@ from .config import MethodConfig
 from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, attach
 from .methods import FlatLoRA, FlatLoRAConfig, RMLoRA, RMLoRAConfig
 from .registry import load_methods, method_from_dict
+from .methods import LoRADropout, LoRADropoutConfig
+from .ensemble import TestTimeEnsemble, test_time_ensemble
 
 __version__ = "0.1.0"
 
@@ -14,6 +16,10 @@ def __getattr__(name):
         from .integrations.trainer import GenLoRACallback
 
         return GenLoRACallback
+    if name in ("GenLoRATrainer", "GenLoRATrainerMixin"):
+        from .integrations import trainer
+
+        return getattr(trainer, name)
     raise AttributeError(f"module 'genlora' has no attribute {name!r}")
 
 
@@ -23,11 +29,17 @@ __all__ = [
     "FlatLoRAConfig",
     "GenLoRACallback",
     "GenLoRAHandle",
+    "GenLoRATrainer",
+    "GenLoRATrainerMixin",
+    "LoRADropout",
+    "LoRADropoutConfig",
     "Method",
     "MethodConfig",
     "RMLoRA",
     "RMLoRAConfig",
+    "TestTimeEnsemble",
     "attach",
     "load_methods",
     "method_from_dict",
+    "test_time_ensemble",
 ]

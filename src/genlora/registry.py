@@ -9,8 +9,10 @@ from typing import Any
 from .core.handle import GENLORA_CONFIG_NAME
 from .core.method import Method
 from .methods import FlatLoRA, RMLoRA
+from .methods import LoRADropout
 
 METHODS: dict[str, type[Method]] = {cls.config_class.method_name: cls for cls in (FlatLoRA, RMLoRA)}
+METHODS[LoRADropout.config_class.method_name] = LoRADropout
 
 
 def method_from_dict(data: dict[str, Any]) -> Method:

@@ -30,6 +30,20 @@ class LoraSlot:
         return self.layer.lora_B[self.adapter]
 
     @property
+    def a_weight(self) -> nn.Parameter:
+        """LoRA A, rank along dim 0: (r, n_in) for Linear, (r, n_in, *k) for Conv, (r, vocab) for Embedding."""
+        if self.adapter in self.layer.lora_A:
+            return self.layer.lora_A[self.adapter].weight
+        return self.layer.lora_embedding_A[self.adapter]
+
+    @property
+    def b_weight(self) -> nn.Parameter:
+        """LoRA B, rank along dim 1: (n_out, r) for Linear and Embedding, (n_out, r, 1...) for Conv."""
+        if self.adapter in self.layer.lora_B:
+            return self.layer.lora_B[self.adapter].weight
+        return self.layer.lora_embedding_B[self.adapter]
+
+    @property
     def r(self) -> int:
         return int(self.layer.r[self.adapter])
 
@@ -70,6 +84,7 @@ def resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
     available = set()
     for layer in layers:
         available.update(layer.lora_A.keys())
+        available.update(getattr(layer, "lora_embedding_A", {}).keys())
     if adapter_name is not None:
         if adapter_name not in available:
             raise ValueError(f"adapter_name must be one of {sorted(available)}, got {adapter_name!r}")
@@ -91,7 +106,9 @@ def find_lora_slots(model: nn.Module, adapter_name: str) -> list[LoraSlot]:
     """All LoRA layers that carry `adapter_name`, in module order."""
     slots = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+        if not isinstance(module, LoraLayer):
+            continue
+        if adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {}):
             if module.merged:
                 raise ValueError(f"LoRA layer {name!r} has merged adapters; unmerge it before attaching genlora")
             slots.append(LoraSlot(index=len(slots), name=name, layer=module, adapter=adapter_name))

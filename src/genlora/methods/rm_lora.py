@@ -84,8 +84,8 @@ def orthogonality_regularizer(slots: list[LoraSlot]) -> torch.Tensor:
     """R(A, B) above: mean over all A and B factors of ||A A^T - I||_F and ||B^T B - I||_F."""
     terms = []
     for slot in slots:
-        a = slot.lora_A.weight.reshape(slot.r, -1)  # (r, n_in)
-        b = slot.lora_B.weight.reshape(-1, slot.r)  # (n_out, r)
+        a = slot.a_weight.reshape(slot.r, -1)  # (r, n_in)
+        b = slot.b_weight.reshape(slot.b_weight.shape[0], slot.r)  # (n_out, r); Conv's trailing 1x1 dims dropped
         eye = torch.eye(slot.r, device=a.device, dtype=a.dtype)
         terms.append(torch.linalg.matrix_norm(a @ a.T - eye))
         terms.append(torch.linalg.matrix_norm(b.T @ b - eye))
@@ -116,8 +116,8 @@ class RMLoRA(Method):
         for slot in slots:
             if self.config.k is not None and self.config.k > slot.r:
                 raise ValueError(f"k must be in [1, r] = [1, {slot.r}] for LoRA layer {slot.name!r}, got {self.config.k}")
-            if not hasattr(slot.lora_A, "weight") or not hasattr(slot.lora_B, "weight"):
-                raise TypeError(f"RM-LoRA needs lora_A/lora_B modules with weights; {slot.name!r} has none")
+            if slot.b_weight.shape[1] != slot.r or slot.b_weight[0].numel() != slot.r:
+                raise TypeError(f"RM-LoRA needs B factors of shape (n_out, r); {slot.name!r} has {tuple(slot.b_weight.shape)}")
 
     def on_attach(self, ctx: AttachContext) -> None:
         super().on_attach(ctx)
@@ -152,7 +152,7 @@ class RMLoRA(Method):
         self.last_keep = self.draw_keep_masks(step)
         strict = self.config.mask_target == "update"
         for slot, (keep_a, keep_b) in zip(self.ctx.slots, self.last_keep):
-            a, b = slot.lora_A.weight, slot.lora_B.weight  # (r, n_in), (n_out, r)
+            a, b = slot.a_weight, slot.b_weight  # (r, n_in), (n_out, r)
             drop_a = ~keep_a.to(a.device, non_blocking=True)
             drop_b = ~keep_b.to(b.device, non_blocking=True)
             if a.grad is not None:
@@ -162,7 +162,7 @@ class RMLoRA(Method):
             if strict:
                 self._saved_for_update_mask.append((a.detach().clone(), b.detach().clone(), drop_a, drop_b))
         if self.config.mask_all_trainable:
-            lora_params = {id(p) for s in self.ctx.slots for p in (s.lora_A.weight, s.lora_B.weight)}
+            lora_params = {id(p) for s in self.ctx.slots for p in (s.a_weight, s.b_weight)}
             for p in self.ctx.model.parameters():
                 if p.requires_grad and id(p) not in lora_params and p.grad is not None:
                     p.grad.zero_()
@@ -172,6 +172,6 @@ class RMLoRA(Method):
         # Strict mode: masked components get their pre-step values back, so neither momentum nor weight decay
         # moves them.
         for slot, (a0, b0, drop_a, drop_b) in zip(self.ctx.slots, self._saved_for_update_mask):
-            slot.lora_A.weight[drop_a] = a0[drop_a]
-            slot.lora_B.weight[:, drop_b] = b0[:, drop_b]
+            slot.a_weight[drop_a] = a0[drop_a]
+            slot.b_weight[:, drop_b] = b0[:, drop_b]
         self._saved_for_update_mask = []
