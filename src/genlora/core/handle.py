@@ -8,16 +8,20 @@ import os
 import tempfile
 import weakref
 from enum import Enum
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..config import check_choice, check_int
 from .lora_layers import LoraSlot, find_lora_slots, resolve_adapter
 from .method import AttachContext, Method
 from .perturbed_linear import BaseWeightPerturber
 
 GENLORA_CONFIG_NAME = "genlora_config.json"
+GENLORA_STATE_NAME = "genlora_state.pt"
+NONFINITE_POLICIES = ("skip", "raise", "off")
 _STATE_FORMAT = 1
 
 # LoRA layers that carry attached methods; a layer can belong to one handle at a time.
@@ -35,6 +39,8 @@ def attach(
     *methods: Method,
     adapter_name: str | None = None,
     total_steps: int | None = None,
+    on_nonfinite: str = "skip",
+    guard_base: bool = False,
 ) -> GenLoRAHandle:
     """Attach one or several genlora methods to a PEFT LoRA model and return the handle that drives them.
 
@@ -44,6 +50,11 @@ def attach(
         adapter_name: the LoRA adapter to act on; default: the model's single active adapter.
         total_steps: number of optimizer steps of the run (needed by ramped schedules); the Trainer callback sets
             it from `TrainingArguments` when left out.
+        on_nonfinite: what `pre_optimizer_step` does when a trainable gradient holds NaN/inf: "skip" the update
+            (gradients are set to None, so the optimizer leaves those parameters alone; compatible with fp16 loss
+            scaling, whose overflow steps look the same), "raise" a `FloatingPointError`, or "off" (no check).
+        guard_base: take an exact checksum of every frozen weight now; `verify_base()` (also run by the Trainer
+            callback at the end of training) raises if any of them changed.
 
     Everything is validated before anything is changed: on error the model is untouched.
     """
@@ -60,9 +71,10 @@ def attach(
     if len(set(names)) != len(names):
         raise ValueError(f"each method may be attached once, got {names}")
     if total_steps is not None:
-        from ..config import check_int
-
         check_int("total_steps", total_steps, low=1)
+    check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+    if not isinstance(guard_base, bool):
+        raise TypeError(f"guard_base must be a bool, got {guard_base!r}")
     adapter = resolve_adapter(model, adapter_name)
     slots = find_lora_slots(model, adapter)
     if not slots:
@@ -72,7 +84,11 @@ def attach(
         raise ValueError(f"genlora methods are already attached to layers {busy[:3]}...; detach that handle first")
     for m in methods:
         m.validate(model, slots)
-    return GenLoRAHandle(model, sorted(methods, key=lambda m: m.order), slots, adapter, total_steps)
+    handle = GenLoRAHandle(model, sorted(methods, key=lambda m: m.order), slots, adapter, total_steps)
+    handle.on_nonfinite = on_nonfinite
+    if guard_base:
+        handle.base_checksums = base_checksums(model)
+    return handle
 
 
 class GenLoRAHandle:
@@ -102,6 +118,9 @@ class GenLoRAHandle:
         # gradient-accumulation fix), each micro-step's loss is a share of the step's loss, so a per-forward
         # regularizer is weighted 1/grad_accum_steps to add up to one regularizer per step.
         self.grad_accum_steps = 1
+        self.on_nonfinite = "skip"
+        self.skipped_steps: list[int] = []  # steps whose update was skipped for non-finite gradients
+        self.base_checksums: dict[str, tuple[int, int]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None  # needed by methods that reset optimizer state (LoRASC)
         # Training-mode forwards of the whole model since begin_step: keys per-forward random draws (dropout
         # masks), so gradient checkpointing, which re-runs layers but not the model, sees the same draws.
@@ -196,6 +215,19 @@ class GenLoRAHandle:
                     "also pass that loss through handle.loss()"
                 )
         self._phase = _Phase.OPTIMIZER
+        if self.on_nonfinite != "off" and not self._gradients_finite():
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite gradient at step {self.global_step} (NaN/inf loss or gradient); training stopped. "
+                    "Pass on_nonfinite='skip' to genlora.attach to skip such steps instead"
+                )
+            # Skip: optimizers leave parameters whose grad is None untouched (no update, no momentum, no decay).
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad = None
+            self.skipped_steps.append(self.global_step)
+            warnings.warn(f"genlora: skipped the update of step {self.global_step}: non-finite gradients")
+            return
         for m in self.methods:
             m.pre_optimizer_step(self.global_step)
 
@@ -208,6 +240,13 @@ class GenLoRAHandle:
             m.post_optimizer_step(self.global_step)
         self.global_step += 1
         self._phase = _Phase.IDLE
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return True
+        # One fused reduction and a single host sync per step.
+        return bool(torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all())
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """`pre_optimizer_step()`, `optimizer.step()`, `post_optimizer_step()` in one call."""
@@ -296,6 +335,33 @@ class GenLoRAHandle:
         self.global_step = step
         self.total_steps = state.get("total_steps", self.total_steps)
 
+    def verify_base(self) -> None:
+        """Raise if any frozen weight differs from its checksum taken at attach (needs `guard_base=True`)."""
+        if self.base_checksums is None:
+            raise RuntimeError("verify_base() needs genlora.attach(..., guard_base=True)")
+        now = base_checksums(self.model)
+        changed = sorted(k for k in self.base_checksums if now.get(k) != self.base_checksums[k])
+        if changed:
+            raise RuntimeError(f"frozen base weights changed during training: {changed[:5]} ({len(changed)} in all)")
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write `state_dict()` to `path` atomically (temporary file, then rename)."""
+        if self.in_step:
+            raise RuntimeError("save_state() between steps only")
+        write_atomic(path, lambda f: torch.save(self.state_dict(), f))
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Read a `save_state()` file and restore it; a corrupt or foreign file raises and changes nothing."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # truncated, not a torch file, unpickling refused
+            raise ValueError(f"{path} is not a readable genlora state file ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} is not a genlora state file")
+        self.load_state_dict(state)
+
     def save_config(self, directory: str | os.PathLike) -> str:
         """Write `genlora_config.json` (the attached methods and their options) into `directory`, atomically."""
         path = os.path.join(directory, GENLORA_CONFIG_NAME)
@@ -308,6 +374,9 @@ class GenLoRAHandle:
             raise TypeError("save_pretrained needs a peft.PeftModel; save the adapter with PEFT's helpers instead")
         if self.in_step:
             raise RuntimeError("save between steps, not in the middle of one")
+        bad = [s.name for s in self.slots if not all(bool(p.isfinite().all()) for p in (s.a_weight, s.b_weight))]
+        if bad:
+            raise ValueError(f"refusing to save: the adapter holds NaN/inf in {bad[:3]} ({len(bad)} layers)")
         factors = {}
         changed = False
         for slot in self.slots:
@@ -327,13 +396,14 @@ class GenLoRAHandle:
         self.save_config(directory)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Call `write(file)` on a temporary file in the same folder, then rename it to `path`: readers (and a crash)
+    see either the old file or the whole new one, never half a file."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -341,3 +411,21 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=True), binary=False)
+
+
+def base_checksums(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Exact checksums of every frozen floating-point tensor: the bit patterns summed plainly and with position
+    weights (int64, wrapping), so any changed bit changes them. One pass over the weights, no copy kept."""
+    sums = {}
+    int_views = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+    for name, p in model.named_parameters():
+        if p.requires_grad or not p.is_floating_point():
+            continue
+        bits = p.detach().reshape(-1).view(int_views[p.element_size()]).to(torch.int64)
+        weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+        sums[name] = (int(bits.sum()), int((bits * weights).sum()))
+    return sums

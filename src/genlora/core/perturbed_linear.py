@@ -74,6 +74,20 @@ def perturbed_linear(x, weight, bias, draws: Sequence[NoiseDraw]) -> torch.Tenso
     return _PerturbedLinearFn.apply(x, weight, bias, PerturbedWeight(draws))
 
 
+def check_full_weight(name: str, weight: torch.Tensor) -> None:
+    """Noise scaled by full-row norms and regenerated in the backward needs the whole weight on this rank.
+
+    Under DeepSpeed ZeRO-3 or FSDP the base weight is a shard (or an empty placeholder outside the gathered
+    region), so the noise law cannot be honoured there: fail loudly instead of perturbing a shard.
+    """
+    sharded = weight.numel() == 0 or hasattr(weight, "ds_id") or type(weight).__name__ in ("DTensor", "FlatParameter")
+    if sharded:
+        raise RuntimeError(
+            f"{name}: the base weight is sharded (FSDP / DeepSpeed ZeRO-3); genlora's weight-noise methods "
+            "(Flat-LoRA, LoRASC noise) need full weights on every rank: use DDP or ZeRO-1/2"
+        )
+
+
 class BaseWeightPerturber:
     """Replaces the forward of each slot's base `nn.Linear` by a perturbed one while any noise source is active.
 
@@ -121,6 +135,7 @@ class BaseWeightPerturber:
             draws = [d for d in (src.draw_for(slot) for src in self.sources) if d is not None]
             if not draws:
                 return original(x, *args, **kwargs)
+            check_full_weight(slot.name, base.weight)
             return perturbed_linear(x, base.weight, base.bias, draws)
 
         return forward

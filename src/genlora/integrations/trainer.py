@@ -12,7 +12,7 @@ import os
 from transformers import TrainerCallback
 from transformers import Trainer
 
-from ..core.handle import GenLoRAHandle
+from ..core.handle import GENLORA_STATE_NAME, GenLoRAHandle
 
 
 class GenLoRACallback(TrainerCallback):
@@ -33,8 +33,19 @@ class GenLoRACallback(TrainerCallback):
         self.handle.grad_accum_steps = args.gradient_accumulation_steps
         if kwargs.get("optimizer") is not None:
             self.handle.bind_optimizer(kwargs["optimizer"])
-        # When resuming from a checkpoint the Trainer restores its step counter; follow it.
-        self.handle.global_step = state.global_step
+        if state.global_step > 0:
+            # Resuming: the Trainer restored its step counter from checkpoint-N; restore genlora's state saved
+            # beside it. A checkpoint without one cannot be continued exactly, so it is an error, not a guess.
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, GENLORA_STATE_NAME)
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step}, but {path} is missing: genlora's state (step counter, "
+                    "LoRASC stages, ...) was not saved with that checkpoint"
+                )
+            self.handle.load_state(path)
+            if self.handle.global_step != state.global_step:
+                raise ValueError(f"{path} is for step {self.handle.global_step}, the Trainer is at {state.global_step}")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if kwargs.get("optimizer") is not None and self.handle.optimizer is None:
@@ -52,8 +63,11 @@ class GenLoRACallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.handle.save_config(folder)
+                self.handle.save_state(os.path.join(folder, GENLORA_STATE_NAME))
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.handle.base_checksums is not None:
+            self.handle.verify_base()
         if state.is_world_process_zero and args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             self.handle.save_config(args.output_dir)
