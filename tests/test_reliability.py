@@ -147,3 +147,51 @@ def test_corrupt_or_foreign_state_file(tmp_path):
         other.load_state(good)
     assert other.global_step == 0
     assert good.read_bytes()  # nothing was overwritten
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def trainer_run(out_dir, make_methods, resume=False):
+    from transformers import Trainer, TrainingArguments
+
+    model = make_llama_peft(seed=0)
+    handle = genlora.attach(model, *make_methods())
+    examples = [{"input_ids": ids[i], "labels": ids[i]} for ids in batches(12, seed=3) for i in range(2)]
+    args = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6,
+        save_steps=3, save_strategy="steps", learning_rate=1e-2, max_grad_norm=1.0, report_to=[], use_cpu=True,
+        seed=0, data_seed=0, lr_scheduler_type="linear", save_only_model=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(examples),
+                      callbacks=[genlora.GenLoRACallback(handle)])
+    trainer.train(resume_from_checkpoint=resume or None)
+    return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}, handle
+
+
+@pytest.mark.slow
+def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
+    import shutil
+
+    setup = METHOD_SETUPS.get("all_four", METHOD_SETUPS["flat+rm"])
+    full, handle = trainer_run(tmp_path / "a", setup)
+    assert (tmp_path / "a" / "checkpoint-3" / "genlora_state.pt").exists()
+    # a run killed after its step-3 checkpoint: only that checkpoint survives
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resumed, resumed_handle = trainer_run(tmp_path / "b", setup, resume=True)
+    assert resumed_handle.global_step == 6
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    # a checkpoint without genlora's state cannot be continued exactly: a clear error
+    (tmp_path / "b" / "checkpoint-3" / "genlora_state.pt").unlink()
+    shutil.rmtree(tmp_path / "b" / "checkpoint-6")
+    with pytest.raises(FileNotFoundError, match="genlora_state.pt is missing"):
+        trainer_run(tmp_path / "b", setup, resume=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
 
 from .config import check_choice, check_int
@@ -92,7 +93,9 @@ class TestTimeEnsemble:
     def __enter__(self) -> TestTimeEnsemble:
         if self._restore is not None:
             raise RuntimeError("this test-time ensemble is already active")
-        model = self.model
+        # Patch the innermost model: a PeftModel's forward and its `generate` (which PEFT hands to the transformers
+        # model, bypassing PeftModel.forward) both end in that model's forward.
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         had_own = "forward" in model.__dict__
         previous = model.__dict__.get("forward")
         original = model.forward  # bound method, or an instance-level patch (accelerate hooks) that we wrap
@@ -160,7 +163,8 @@ class TestTimeEnsemble:
             return fields
 
     def _nll(self, log_mean: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
-        """NLL of the ensemble distribution (mean over positions with a label), transformers' conventions."""
+        """NLL of the ensemble distribution with transformers' conventions: mean over positions with a label
+        (-100 = none), or the sum over `num_items_in_batch` when the Trainer passes it."""
         labels = kwargs.get("labels")
         if labels is None:
             return None
@@ -170,11 +174,18 @@ class TestTimeEnsemble:
                 shift_labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
             labels = shift_labels
         if labels.dtype.is_floating_point or labels.shape != log_mean.shape[:-1]:
-            raise ValueError(f"labels of shape {tuple(labels.shape)} ({labels.dtype}) do not index classes of logits "
-                             f"{tuple(log_mean.shape)}; pass task='classification' or 'causal_lm' to test_time_ensemble")
-        return F.nll_loss(
-            log_mean.reshape(-1, log_mean.shape[-1]), labels.reshape(-1).to(log_mean.device), ignore_index=IGNORE_INDEX
-        )
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} ({labels.dtype}) do not index classes of logits "
+                f"{tuple(log_mean.shape)}; pass task='classification' or 'causal_lm' to test_time_ensemble"
+            )
+        flat = log_mean.reshape(-1, log_mean.shape[-1]), labels.reshape(-1).to(log_mean.device)
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is None:
+            return F.nll_loss(*flat, ignore_index=IGNORE_INDEX)
+        # The Trainer's token count over all micro-batches: the same normalization the model's own loss uses.
+        if torch.is_tensor(num_items):
+            num_items = num_items.to(log_mean.device)
+        return F.nll_loss(*flat, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
 
 
 def _lora_dropout_of(handle) -> Method:

@@ -33,9 +33,12 @@ class GenLoRACallback(TrainerCallback):
         self.handle.grad_accum_steps = args.gradient_accumulation_steps
         if kwargs.get("optimizer") is not None:
             self.handle.bind_optimizer(kwargs["optimizer"])
-        if state.global_step > 0:
+        if self.handle.steps_per_epoch is None:  # LoRASC's default stage length: one epoch of optimizer steps
+            self.handle.steps_per_epoch = update_steps_per_epoch(kwargs.get("train_dataloader"), args)
+        if state.global_step > 0 and self.handle.global_step != state.global_step:
             # Resuming: the Trainer restored its step counter from checkpoint-N; restore genlora's state saved
-            # beside it. A checkpoint without one cannot be continued exactly, so it is an error, not a guess.
+            # beside it (to resume from a checkpoint outside output_dir, call handle.load_state(path) before
+            # train()). A checkpoint without one cannot be continued exactly, so it is an error, not a guess.
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, GENLORA_STATE_NAME)
             if not os.path.exists(path):
@@ -73,7 +76,7 @@ class GenLoRACallback(TrainerCallback):
             self.handle.save_config(args.output_dir)
 
 
-# --- LoRA Dropout's n_train instances and test-time ensemble inside the Trainer ---------------------------------------
+# --- LoRA Dropout's n_train instances and test-time ensemble inside the Trainer -----------------------------------
 class GenLoRATrainerMixin:
     """Trainer mixin for what a callback cannot do: LoRA Dropout's n_train forward/backward passes per batch and its
     test-time ensemble in evaluation. Usage: `genlora.GenLoRATrainer(model=..., args=..., genlora_handle=handle)`, or
@@ -154,4 +157,15 @@ class GenLoRATrainerMixin:
 
 
 class GenLoRATrainer(GenLoRATrainerMixin, Trainer):
-    """`transformers.Trainer` with `GenLoRATrainerMixin`: `GenLoRATrainer(model=..., args=..., genlora_handle=handle)`."""
+    """`transformers.Trainer` plus `GenLoRATrainerMixin`: `GenLoRATrainer(model=..., args=..., genlora_handle=h)`."""
+
+
+def update_steps_per_epoch(train_dataloader, args) -> int | None:
+    """Optimizer steps per epoch as `Trainer.set_initial_training_values` counts them (the last, shorter
+    accumulation cycle of an epoch is a step of its own); None for a dataloader without a length."""
+    try:
+        batches = len(train_dataloader)
+    except TypeError:  # None, or an iterable dataset
+        return None
+    accum = args.gradient_accumulation_steps
+    return max(batches // accum + int(batches % accum > 0), 1)

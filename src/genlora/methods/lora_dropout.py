@@ -222,14 +222,15 @@ class LoRADropout(Method):
         return self._masks(slot, "lora_dropout.ensemble", (member,), None)
 
     def _masks(self, slot, stream, counters, batch_size):
-        return self._mask(slot, stream, counters, 0, slot.lora_A.in_features, batch_size), self._mask(
-            slot, stream, counters, 1, slot.lora_B.out_features, batch_size
+        device = slot.lora_A.weight.device
+        return (
+            self._mask(slot, stream, counters, 0, slot.lora_A.in_features, batch_size, device),
+            self._mask(slot, stream, counters, 1, slot.lora_B.out_features, batch_size, device),
         )
 
-    def _mask(self, slot, stream, counters, which, n, batch_size) -> torch.Tensor:
+    def _mask(self, slot, stream, counters, which, n, batch_size, device) -> torch.Tensor:
         # m_A and m_B get seeds of their own, so each hook regenerates its mask independently, with no state
         # carried between the two hooks (or between a forward and its checkpointed re-run).
-        device = slot.lora_A.weight.device
         gen = self._pool.get(device, derive_seed(self.config.seed, stream, *counters, slot.index, which))
         shape = (n,) if batch_size is None else (batch_size, n)
         keep = torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - self.config.p, generator=gen)
@@ -263,7 +264,8 @@ class LoRADropout(Method):
             stream, counters, per_example = current
             x = args[0]  # (..., n_in)
             batch = x.shape[0] if per_example and x.dim() >= 2 else None
-            mask = self._mask(slot, stream, counters, 0, x.shape[-1], batch)
+            # on x's device: with offloading (accelerate) the weight may not be on a compute device yet
+            mask = self._mask(slot, stream, counters, 0, x.shape[-1], batch, x.device)
             return (x * _broadcastable(mask, x).to(x.dtype), *args[1:])
 
         return pre_a
@@ -275,7 +277,7 @@ class LoRADropout(Method):
                 return None
             stream, counters, per_example = current
             batch = out.shape[0] if per_example and out.dim() >= 2 else None  # out: (..., n_out)
-            mask = self._mask(slot, stream, counters, 1, out.shape[-1], batch)
+            mask = self._mask(slot, stream, counters, 1, out.shape[-1], batch, out.device)
             return out * _broadcastable(mask, out).to(out.dtype)
 
         return post_b
@@ -297,13 +299,13 @@ class LoRADropout(Method):
                 yield inst
                 if handle.forward_index == start:
                     raise RuntimeError(
-                        f"dropout instance {k} ran no training-mode forward of the attached model (model.train()?), so "
-                        "no masks were applied"
+                        f"dropout instance {k} ran no training-mode forward of the attached model (model.train()?), "
+                        "so no masks were applied"
                     )
                 if not inst.used:
                     raise RuntimeError(
-                        f"the loss of dropout instance {k} went through neither inst.backward(loss) nor inst.scale(loss); "
-                        f"each of the {n} instances must contribute loss / {n}"
+                        f"the loss of dropout instance {k} went through neither inst.backward(loss) nor "
+                        f"inst.scale(loss); each of the {n} instances must contribute loss / {n}"
                     )
         finally:
             self._instance = None
