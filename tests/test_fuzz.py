@@ -59,8 +59,15 @@ def valid_method(name, r, draw):
         return genlora.RMLoRA(k=draw(st.integers(1, r)), reg_lambda=draw(st.floats(0, 1)),
                               variant=draw(st.sampled_from(["v1", "v2"])),
                               mask_target=draw(st.sampled_from(["gradient", "update"])), mask_start_step=0)
-    cls = METHODS[name]
-    return cls()  # defaults of methods added later
+    if name == "lorasc":
+        return genlora.LoRASC(alpha=draw(st.floats(0.01, 1.0)), stage_steps=draw(st.integers(1, 2)),
+                              slow_update=draw(st.sampled_from(["lookahead", "ema"])),
+                              noise_lambda=draw(st.floats(0, 0.3)),
+                              noise_mode=draw(st.sampled_from(["transient", "persistent"])))
+    if name == "lora_dropout":
+        return genlora.LoRADropout(p=draw(st.floats(0, 0.9)), rescale=draw(st.sampled_from(["none", "inverted"])),
+                                   mask_per_example=draw(st.booleans()))
+    raise AssertionError(f"add a strategy for method {name!r}")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,6 +5,7 @@ from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, attach
 from .methods import FlatLoRA, FlatLoRAConfig, RMLoRA, RMLoRAConfig
 from .registry import load_methods, method_from_dict
 from .methods import LoRADropout, LoRADropoutConfig
+from .methods import LoRASC, LoRASCConfig
 from .ensemble import TestTimeEnsemble, test_time_ensemble
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ __all__ = [
     "GenLoRATrainerMixin",
     "LoRADropout",
     "LoRADropoutConfig",
+    "LoRASC",
+    "LoRASCConfig",
     "Method",
     "MethodConfig",
     "RMLoRA",

@@ -10,9 +10,11 @@ from .core.handle import GENLORA_CONFIG_NAME
 from .core.method import Method
 from .methods import FlatLoRA, RMLoRA
 from .methods import LoRADropout
+from .methods import LoRASC
 
 METHODS: dict[str, type[Method]] = {cls.config_class.method_name: cls for cls in (FlatLoRA, RMLoRA)}
 METHODS[LoRADropout.config_class.method_name] = LoRADropout
+METHODS[LoRASC.config_class.method_name] = LoRASC
 
 
 def method_from_dict(data: dict[str, Any]) -> Method:

@@ -122,6 +122,9 @@ class GenLoRAHandle:
         self.skipped_steps: list[int] = []  # steps whose update was skipped for non-finite gradients
         self.base_checksums: dict[str, tuple[int, int]] | None = None
         self.optimizer: torch.optim.Optimizer | None = None  # needed by methods that reset optimizer state (LoRASC)
+        # Optimizer steps per epoch: LoRASC's default stage length. Set it by hand in a plain loop (or pass it to the
+        # method); GenLoRACallback sets it from the Trainer's train dataloader.
+        self.steps_per_epoch: int | None = None
         # Training-mode forwards of the whole model since begin_step: keys per-forward random draws (dropout
         # masks), so gradient checkpointing, which re-runs layers but not the model, sees the same draws.
         self.forward_index = -1
@@ -179,8 +182,12 @@ class GenLoRAHandle:
         self._phase = _Phase.FORWARD
         self._reg_in_outputs = self._reg_by_hand = 0
         self.forward_index = -1
-        for m in self.methods:
-            m.begin_step(self.global_step)
+        try:
+            for m in self.methods:
+                m.begin_step(self.global_step)
+        except BaseException:
+            self._phase = _Phase.IDLE  # the step never started: a corrected retry must not see "called twice"
+            raise
 
     def regularizer(self) -> torch.Tensor | None:
         """Sum of the attached methods' loss terms (e.g. RM-LoRA's lambda * R(A, B)); None if there are none."""

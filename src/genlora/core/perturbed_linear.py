@@ -19,7 +19,12 @@ from .lora_layers import LoraSlot
 
 
 class NoiseDraw(Protocol):
-    """One immutable noise draw for one layer: regenerating it gives the same tensor bit for bit."""
+    """One immutable noise draw for one layer: regenerating it gives the same tensor bit for bit.
+
+    A draw may also have `perturb(weight) -> Tensor | None`: W + eps in W's dtype in one fused pass, with the bits
+    that `sample_into` + add + round give (None: no fused path for this tensor). It is used when the draw is the
+    layer's only one.
+    """
 
     def sample_into(self, out: torch.Tensor, accumulate: bool) -> None:
         """Write (accumulate=False) or add (accumulate=True) the noise into `out`, fp32 (n_out, n_in)."""
@@ -40,6 +45,11 @@ class PerturbedWeight:
         self.draws = tuple(draws)
 
     def build(self, weight: torch.Tensor) -> torch.Tensor:
+        if len(self.draws) == 1:
+            perturb = getattr(self.draws[0], "perturb", None)
+            fused = perturb(weight) if perturb is not None else None
+            if fused is not None:  # e.g. Flat-LoRA's Triton kernel: noise, scale and add in one pass over W
+                return fused
         buf = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # (n_out, n_in)
         for i, draw in enumerate(self.draws):
             draw.sample_into(buf, accumulate=i > 0)

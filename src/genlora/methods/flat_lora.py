@@ -15,6 +15,7 @@ eps from its seed in the backward; only the per-row std (O(n_out) per layer) and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -90,8 +91,70 @@ def merged_row_norms(base_sq_norms: torch.Tensor, weight: torch.Tensor, factors)
     return sq.clamp_min_(0.0).sqrt_()
 
 
+@torch.no_grad()
+def batched_merged_row_norms(
+    base_sq_norms: torch.Tensor, weights: list[torch.Tensor], u: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """`merged_row_norms` for G layers of one shape at once: (G, n_out) norms from base_sq_norms (G, n_out), the G
+    frozen weights (n_out, n_in) (separate tensors: they are never stacked, which would copy the model), and the
+    stacked low-rank factors u (G, n_out, k), v (G, k, n_in) in fp32.
+
+    Only the W V^T products run per layer (one `_foreach_mm`, or one mm each); everything else is a handful of
+    batched kernels for the whole group, instead of ~a dozen small kernels per layer.
+    """
+    v_w = v.to(weights[0].dtype)  # (G, k, n_in), one cast for the group
+    wv = _mm_each(weights, [m.T for m in v_w.unbind(0)])  # G x (n_out, k) in W's dtype
+    wv = torch.stack(wv).float()  # (G, n_out, k)
+    gram = torch.bmm(v, v.transpose(1, 2))  # (G, k, k)
+    sq = base_sq_norms + 2.0 * (u * wv).sum(2) + (torch.bmm(u, gram) * u).sum(2)
+    return sq.clamp_min_(0.0).sqrt_()
+
+
+def _mm_each(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[a_i @ b_i]: one call into the C++ loop (or a grouped GEMM) of `torch._foreach_mm` where torch has it."""
+    foreach_mm = getattr(torch, "_foreach_mm", None)
+    if foreach_mm is not None and len(a) > 1:
+        try:
+            return list(foreach_mm(a, b))
+        except (RuntimeError, NotImplementedError, TypeError):  # a backend or dtype the op does not cover
+            pass
+    return [x @ y for x, y in zip(a, b)]
+
+
+def _triton_kernel():
+    """The fused Triton noise module, or None (not installed, or disabled); imported on first use only."""
+    global _TRITON
+    if _TRITON is False:
+        try:
+            from ..kernels import flat_noise_triton
+
+            _TRITON = flat_noise_triton if flat_noise_triton.available() else None
+        except Exception:  # pragma: no cover - a broken triton install: use the PyTorch path
+            _TRITON = None
+    return _TRITON
+
+
+_TRITON = False  # not looked up yet
+
+
+def _triton_failed(err: Exception) -> None:
+    global _TRITON
+    _TRITON = None
+    warnings.warn(
+        f"genlora: Flat-LoRA's Triton noise kernel failed ({type(err).__name__}: {err}); using the PyTorch path for "
+        "the rest of this process (set GENLORA_TRITON=0 to silence this)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 class GaussianRowNoise:
-    """eps (n_out, n_in) with eps_ij = std_i * z_ij, z ~ N(0, 1) from a generator seeded with `seed`."""
+    """eps (n_out, n_in) with eps_ij = std_i * z_ij, z ~ N(0, 1), a pure function of `seed`.
+
+    On CUDA with Triton, z comes from the fused counter-based kernel (`genlora.kernels.flat_noise_triton`), which
+    also forms W + eps in one pass (`perturb`); elsewhere from `torch.randn` with a generator seeded with `seed`.
+    The two paths draw different numbers with the same law; each regenerates its own draw bit for bit.
+    """
 
     __slots__ = ("seed", "std", "pool")
 
@@ -99,12 +162,49 @@ class GaussianRowNoise:
         self.seed, self.std, self.pool = seed, std, pool
 
     def sample_into(self, out: torch.Tensor, accumulate: bool) -> None:
+        kernel = _triton_kernel()
+        if kernel is not None and kernel.supports(out):
+            try:
+                kernel.row_noise(out, self.std, self.seed, base=out if accumulate else None)
+                return
+            except Exception as err:  # pragma: no cover - needs a GPU whose Triton cannot compile the kernel
+                _triton_failed(err)
         gen = self.pool.get(out.device, self.seed)
         if accumulate:
             out.addcmul_(torch.randn(out.shape, generator=gen, device=out.device), self.std[:, None])
         else:
             torch.randn(out.shape, generator=gen, device=out.device, out=out)
             out.mul_(self.std[:, None])
+
+    def perturb(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """W + eps in W's dtype in one fused pass (fp32 sum, rounded once: the bits `sample_into` + add + cast
+        give), or None where there is no fused path (the caller then builds it with `sample_into`)."""
+        kernel = _triton_kernel()
+        if kernel is None or not kernel.supports(weight):
+            return None
+        try:
+            return kernel.row_noise(torch.empty_like(weight, memory_format=torch.contiguous_format), self.std,
+                                    self.seed, base=weight)
+        except Exception as err:  # pragma: no cover - see sample_into
+            _triton_failed(err)
+            return None
+
+
+class _NormGroup:
+    """LoRA layers whose row norms are computed together: same weight shape, dtype and device, same rank and
+    scaling (so s*B stacks exactly as the per-layer `s * B` would be computed)."""
+
+    __slots__ = ("slots", "base_sq_norms", "scaling")
+
+    def __init__(self, slots: list[LoraSlot], base_sq_norms: torch.Tensor, scaling: float):
+        self.slots = slots
+        self.base_sq_norms = base_sq_norms  # (G, n_out) fp32
+        self.scaling = scaling
+
+
+def _group_key(slot: LoraSlot):
+    w = slot.base_layer.weight
+    return (tuple(w.shape), w.dtype, w.device, slot.r, slot.scaling, slot.a_weight.dtype, slot.b_weight.dtype)
 
 
 class FlatLoRA(Method):
@@ -117,9 +217,10 @@ class FlatLoRA(Method):
     def __init__(self, config: FlatLoRAConfig | None = None, **options):
         super().__init__(config, **options)
         self._pool = GeneratorPool()
-        self._base_sq_norms: dict[int, torch.Tensor] = {}
+        self._groups: list[_NormGroup] = []
         self._stds: dict[int, torch.Tensor] | None = None  # per slot (n_out,), fp32; None: no noise this step
         self._draw_id = -1
+        self._seeds: tuple[int, dict[int, int]] = (-1, {})  # (draw_id, slot index -> seed): derived once per draw
         self.last_sigma = 0.0
 
     def validate(self, model, slots: list[LoraSlot]) -> None:
@@ -134,15 +235,21 @@ class FlatLoRA(Method):
 
     def on_attach(self, ctx: AttachContext) -> None:
         super().on_attach(ctx)
-        with torch.no_grad():
-            for slot in ctx.slots:  # W is frozen, so ||W_i||^2 is computed once
-                self._base_sq_norms[slot.index] = _row_sq_norms(slot.base_layer.weight)
+        by_key: dict[tuple, list[LoraSlot]] = {}
+        for slot in ctx.slots:
+            by_key.setdefault(_group_key(slot), []).append(slot)
+        with torch.no_grad():  # W is frozen, so ||W_i||^2 is computed once
+            self._groups = [
+                _NormGroup(group, torch.stack([_row_sq_norms(s.base_layer.weight) for s in group]), group[0].scaling)
+                for group in by_key.values()
+            ]
         ctx.perturber.add_source(self)
 
     def on_detach(self) -> None:
         self.ctx.perturber.remove_source(self)
-        self._base_sq_norms.clear()
+        self._groups = []
         self._stds = None
+        self._seeds = (-1, {})
         super().on_detach()
 
     def begin_step(self, step: int) -> None:
@@ -154,18 +261,54 @@ class FlatLoRA(Method):
         if sigma == 0.0:
             self._stds = None
             return
+        self._stds = self._row_stds(sigma)
+
+    @torch.no_grad()
+    def _row_stds(self, sigma: float) -> dict[int, torch.Tensor]:
+        """sigma * ||W'_i|| / sqrt(n_in) for every slot, computed per group of equal-shape layers."""
+        handle = self.ctx.handle
+        plain = not any(getattr(m, "extra_delta_factors", None) is not None for m in handle.methods)
         stds = {}
-        for slot in self.ctx.slots:
-            w = slot.base_layer.weight
-            norms = merged_row_norms(self._base_sq_norms[slot.index], w, handle.delta_factors(slot))
-            stds[slot.index] = norms.mul_(sigma / math.sqrt(w.shape[1]))
-        self._stds = stds
+        for group in self._groups:
+            weights = [s.base_layer.weight for s in group.slots]
+            if plain:  # the factors are exactly [(s*B, A)] (handle.delta_factors): stack them directly
+                u = (torch.stack([s.lora_B.weight for s in group.slots]) * group.scaling).float()
+                v = torch.stack([s.lora_A.weight for s in group.slots]).float()
+            else:  # other methods add frozen terms (LoRASC's slow experts): concatenate per layer, as before
+                factors = [handle.delta_factors(s) for s in group.slots]
+                us = [torch.cat([f[0] for f in fs], dim=1) for fs in factors]
+                vs = [torch.cat([f[1] for f in fs], dim=0) for fs in factors]
+                if len({x.shape[1] for x in us}) != 1:  # different ranks within the group: one layer at a time
+                    norms = torch.stack(
+                        [merged_row_norms(b, w, fs) for b, w, fs in zip(group.base_sq_norms, weights, factors)]
+                    )
+                    stds.update(self._scaled(group, norms, sigma))
+                    continue
+                u = torch.stack(us).float()
+                v = torch.stack(vs).float()
+            norms = batched_merged_row_norms(group.base_sq_norms, weights, u, v)
+            stds.update(self._scaled(group, norms, sigma))
+        return stds
+
+    @staticmethod
+    def _scaled(group: _NormGroup, norms: torch.Tensor, sigma: float) -> dict[int, torch.Tensor]:
+        norms.mul_(sigma / math.sqrt(group.slots[0].base_layer.weight.shape[1]))
+        return {s.index: row for s, row in zip(group.slots, norms.unbind(0))}
+
+    def _seed(self, slot: LoraSlot) -> int:
+        draw_id, seeds = self._seeds
+        if draw_id != self._draw_id:
+            seeds = {}
+            self._seeds = (self._draw_id, seeds)
+        seed = seeds.get(slot.index)
+        if seed is None:
+            seed = seeds[slot.index] = derive_seed(self.config.seed, "flat_lora", self._draw_id, slot.index)
+        return seed
 
     def draw_for(self, slot: LoraSlot) -> GaussianRowNoise | None:
         if self._stds is None:
             return None
-        seed = derive_seed(self.config.seed, "flat_lora", self._draw_id, slot.index)
-        return GaussianRowNoise(seed, self._stds[slot.index], self._pool)
+        return GaussianRowNoise(self._seed(slot), self._stds[slot.index], self._pool)
 
     def noise(self, slot: LoraSlot) -> torch.Tensor | None:
         """The noise eps (n_out, n_in, fp32) of the current step for `slot`, regenerated; for tests and analysis."""
@@ -179,7 +322,9 @@ class FlatLoRA(Method):
     def state_dict(self):
         # Row norms are recomputed from the weights at the start of each draw, so the step counter (kept by the
         # handle) is the whole state, except between resamples, where the stored stds are needed.
-        return {"draw_id": self._draw_id, "stds": None if self._stds is None else {k: v.cpu() for k, v in self._stds.items()}}
+        # Copies: the stds are rows of one tensor per layer group, and a saved view would drag its whole group along.
+        stds = None if self._stds is None else {k: v.to("cpu", copy=True) for k, v in self._stds.items()}
+        return {"draw_id": self._draw_id, "stds": stds}
 
     def load_state_dict(self, state):
         self._draw_id = state["draw_id"]

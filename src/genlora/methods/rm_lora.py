@@ -82,14 +82,54 @@ class RMLoRAConfig(MethodConfig):
 
 def orthogonality_regularizer(slots: list[LoraSlot]) -> torch.Tensor:
     """R(A, B) above: mean over all A and B factors of ||A A^T - I||_F and ||B^T B - I||_F."""
-    terms = []
-    for slot in slots:
-        a = slot.a_weight.reshape(slot.r, -1)  # (r, n_in)
-        b = slot.b_weight.reshape(slot.b_weight.shape[0], slot.r)  # (n_out, r); Conv's trailing 1x1 dims dropped
-        eye = torch.eye(slot.r, device=a.device, dtype=a.dtype)
-        terms.append(torch.linalg.matrix_norm(a @ a.T - eye))
-        terms.append(torch.linalg.matrix_norm(b.T @ b - eye))
-    return torch.stack(terms).mean()
+    return _batched_regularizer([(s.r, s.a_weight, s.b_weight) for s in slots])
+
+
+def _factor_views(r: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A as (r, n_in) and B as (n_out, r): Conv's trailing kernel dims folded into n_in, B's trailing 1x1 dropped."""
+    return a.reshape(r, -1), b.reshape(b.shape[0], r)
+
+
+def _batched_regularizer(factors: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """`orthogonality_regularizer` from (r, A, B) triples, batched: the factors of equal shape, dtype and device are
+    stacked, and their Gram matrices and norms are a few batched kernels (stack, bmm, subtract, norm) per group
+    instead of six small kernels per factor. The same terms as computing each ||A A^T - I||_F alone; only the
+    order of the final mean's summation differs."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for r, a, b in factors:
+        a2, b2 = _factor_views(r, a, b)
+        groups.setdefault(("A", tuple(a2.shape), a2.dtype, a2.device), []).append(a2)
+        groups.setdefault(("B", tuple(b2.shape), b2.dtype, b2.device), []).append(b2)
+    norms = []
+    for (kind, shape, dtype, device), mats in groups.items():
+        stack = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)  # (G, r, n_in) or (G, n_out, r)
+        if kind == "A":
+            gram = torch.bmm(stack, stack.transpose(1, 2))  # A A^T: (G, r, r)
+        else:
+            gram = torch.bmm(stack.transpose(1, 2), stack)  # B^T B: (G, r, r)
+        eye = torch.eye(gram.shape[-1], device=device, dtype=dtype)
+        norms.append(torch.linalg.matrix_norm(gram - eye))  # (G,)
+    return torch.cat(norms).mean()
+
+
+class _MaskGroup:
+    """LoRA factors of one kind (A or B), shape, dtype and device, whose gradients are masked together."""
+
+    __slots__ = ("kind", "positions", "index", "params", "rank_dim", "r")
+
+    def __init__(self, kind: str, positions: list[int], params: list[torch.nn.Parameter], r: int):
+        self.kind = kind  # "A": rank along dim 0; "B": rank along dim 1
+        self.positions = positions  # positions of the slots in ctx.slots
+        self.index = torch.tensor(positions)
+        self.params = params
+        self.rank_dim = 0 if kind == "A" else 1
+        self.r = r
+
+    def expand(self, keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """keep (G, r) -> (G, *param shape), broadcast along every dim but the rank dim."""
+        shape = [1] * like.dim()
+        shape[self.rank_dim] = self.r
+        return keep.reshape(keep.shape[0], *shape).expand(keep.shape[0], *like.shape)
 
 
 class RMLoRA(Method):
@@ -102,7 +142,12 @@ class RMLoRA(Method):
     def __init__(self, config: RMLoRAConfig | None = None, **options):
         super().__init__(config, **options)
         self._ks: list[int] = []
-        self._saved_for_update_mask: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._rs: list[int] = []
+        self._rank_groups: list[tuple[int, int, torch.Tensor]] = []  # (r, k, slot positions) in first-seen order
+        self._r_max = 0
+        self._factors: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (r, A, B) per slot, refreshed each step
+        self._mask_groups: list[_MaskGroup] = []
+        self._saved_for_update_mask: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_keep: list[tuple[torch.Tensor, torch.Tensor]] = []  # per slot (keep_A, keep_B), bool (r,)
 
     @property
@@ -122,26 +167,85 @@ class RMLoRA(Method):
     def on_attach(self, ctx: AttachContext) -> None:
         super().on_attach(ctx)
         self._ks = [self.k_for(s) for s in ctx.slots]
+        self._rs = [s.r for s in ctx.slots]
+        by_rank: dict[tuple[int, int], list[int]] = {}
+        for pos, (slot, k) in enumerate(zip(ctx.slots, self._ks)):
+            by_rank.setdefault((slot.r, k), []).append(pos)
+        self._rank_groups = [(r, k, torch.tensor(pos)) for (r, k), pos in by_rank.items()]
+        self._r_max = max(s.r for s in ctx.slots)
+        self._refresh()
+
+    def on_detach(self) -> None:
+        self._factors = []
+        self._mask_groups = []
+        self._saved_for_update_mask = []
+        super().on_detach()
+
+    def _refresh(self) -> None:
+        """Look the LoRA parameters up again (once per step, not per forward) and regroup them for the masks."""
+        slots = self.ctx.slots
+        self._factors = [(s.r, s.a_weight, s.b_weight) for s in slots]
+        groups: dict[tuple, tuple[list[int], list[torch.nn.Parameter]]] = {}
+        for pos, (r, a, b) in enumerate(self._factors):
+            for kind, p in (("A", a), ("B", b)):
+                pos_list, params = groups.setdefault((kind, tuple(p.shape), p.dtype, p.device, r), ([], []))
+                pos_list.append(pos)
+                params.append(p)
+        self._mask_groups = [_MaskGroup(key[0], pos, params, key[4]) for key, (pos, params) in groups.items()]
+
+    def begin_step(self, step: int) -> None:
+        self._refresh()
 
     def regularizer(self) -> torch.Tensor | None:
         if not self.has_regularizer:
             return None
-        return self.config.reg_lambda * orthogonality_regularizer(self.ctx.slots)
+        return self.config.reg_lambda * _batched_regularizer(self._factors)
+
+    def _draw_keep(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep_A, keep_B), each (n_slots, r_max) bool on the CPU: row i keeps k_i of slot i's r_i components
+        (columns past r_i are False); v1: keep_B is keep_A. The draws are those of the official-style loop (one
+        generator per step; per slot `randperm(r)[:k]` for A, then for B in v2), written with one scatter per rank
+        group instead of an indexed assignment per slot."""
+        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "rm_lora", step))
+        v2 = self.config.variant == "v2"
+        idx_a, idx_b = [], []
+        for r, k in zip(self._rs, self._ks):
+            idx_a.append(torch.randperm(r, generator=gen)[:k])
+            if v2:
+                idx_b.append(torch.randperm(r, generator=gen)[:k])
+        n = len(self._rs)
+        keep_a = torch.zeros(n, self._r_max, dtype=torch.bool)
+        keep_b = torch.zeros(n, self._r_max, dtype=torch.bool) if v2 else keep_a
+        for keep, idx in ((keep_a, idx_a), (keep_b, idx_b)) if v2 else ((keep_a, idx_a),):
+            for r, k, positions in self._rank_groups:
+                rows = torch.stack([idx[p] for p in positions.tolist()])  # (G, k)
+                keep[positions, :r] = torch.zeros(len(rows), r, dtype=torch.bool).scatter_(1, rows, True)
+        return keep_a, keep_b
 
     def draw_keep_masks(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per slot, boolean (r,) masks of the rank components of A and of B that keep their gradient."""
-        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "rm_lora", step))
-        masks = []
-        for slot, k in zip(self.ctx.slots, self._ks):
-            keep_a = torch.zeros(slot.r, dtype=torch.bool)
-            keep_a[torch.randperm(slot.r, generator=gen)[:k]] = True
-            if self.config.variant == "v1":
-                keep_b = keep_a
-            else:
-                keep_b = torch.zeros(slot.r, dtype=torch.bool)
-                keep_b[torch.randperm(slot.r, generator=gen)[:k]] = True
-            masks.append((keep_a, keep_b))
-        return masks
+        keep_a, keep_b = self._draw_keep(step)
+        return [(keep_a[i, : s.r], keep_b[i, : s.r]) for i, s in enumerate(self.ctx.slots)]
+
+    def _device_masks(self, keep_a: torch.Tensor, keep_b: torch.Tensor) -> list[torch.Tensor]:
+        """Per mask group, its (G, r) keep mask on the group's device: one host-to-device copy per device."""
+        per_group = [(keep_a if g.kind == "A" else keep_b)[g.index, : g.r] for g in self._mask_groups]
+        out: list[torch.Tensor | None] = [None] * len(per_group)
+        devices = {}
+        for i, g in enumerate(self._mask_groups):
+            devices.setdefault(g.params[0].device, []).append(i)
+        for device, idx in devices.items():
+            if device.type == "cpu":
+                for i in idx:
+                    out[i] = per_group[i]
+                continue
+            flat = torch.cat([per_group[i].reshape(-1) for i in idx])
+            if device.type == "cuda":
+                flat = flat.pin_memory()
+            flat = flat.to(device, non_blocking=True)
+            for i, part in zip(idx, flat.split([per_group[i].numel() for i in idx])):
+                out[i] = part.view(per_group[i].shape)
+        return out
 
     @torch.no_grad()
     def pre_optimizer_step(self, step: int) -> None:
@@ -149,29 +253,47 @@ class RMLoRA(Method):
         self._saved_for_update_mask = []
         if step < self.config.mask_start_step:
             return
-        self.last_keep = self.draw_keep_masks(step)
+        keep_a, keep_b = self._draw_keep(step)
+        self.last_keep = [(keep_a[i, : s.r], keep_b[i, : s.r]) for i, s in enumerate(self.ctx.slots)]
+        # Gradients the handle let through are finite (its on_nonfinite check), so multiplying by 0/1 zeroes exactly
+        # what `grad[drop] = 0` zeroed; with on_nonfinite="off" a NaN/inf may remain, so index-fill instead.
+        exact = getattr(self.ctx.handle, "on_nonfinite", "off") == "off"
         strict = self.config.mask_target == "update"
-        for slot, (keep_a, keep_b) in zip(self.ctx.slots, self.last_keep):
-            a, b = slot.a_weight, slot.b_weight  # (r, n_in), (n_out, r)
-            drop_a = ~keep_a.to(a.device, non_blocking=True)
-            drop_b = ~keep_b.to(b.device, non_blocking=True)
-            if a.grad is not None:
-                a.grad[drop_a] = 0
-            if b.grad is not None:
-                b.grad[:, drop_b] = 0
+        device_masks = self._device_masks(keep_a, keep_b)
+        for group, keep in zip(self._mask_groups, device_masks):
+            present = [(p, m) for p, m in zip(group.params, keep.unbind(0)) if p.grad is not None]
+            if present:
+                grads = [p.grad for p, _ in present]
+                if exact:
+                    for g, m in zip(grads, [m for _, m in present]):
+                        g.masked_fill_(self._broadcast(group, ~m, g), 0)
+                else:
+                    masks = group.expand(torch.stack([m for _, m in present]), grads[0]).to(grads[0].dtype)
+                    torch._foreach_mul_(grads, list(masks.unbind(0)))
             if strict:
-                self._saved_for_update_mask.append((a.detach().clone(), b.detach().clone(), drop_a, drop_b))
+                for p, m in zip(group.params, keep.unbind(0)):
+                    self._saved_for_update_mask.append((p, p.detach().clone(), self._broadcast(group, m, p)))
         if self.config.mask_all_trainable:
-            lora_params = {id(p) for s in self.ctx.slots for p in (s.a_weight, s.b_weight)}
-            for p in self.ctx.model.parameters():
-                if p.requires_grad and id(p) not in lora_params and p.grad is not None:
-                    p.grad.zero_()
+            lora_params = {id(p) for _, a, b in self._factors for p in (a, b)}
+            others = [
+                p.grad
+                for p in self.ctx.model.parameters()
+                if p.requires_grad and id(p) not in lora_params and p.grad is not None
+            ]
+            if others:
+                torch._foreach_zero_(others)
+
+    @staticmethod
+    def _broadcast(group: _MaskGroup, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(r,) -> broadcastable against a parameter of the group (rank along dim 0 for A, dim 1 for B)."""
+        shape = [1] * like.dim()
+        shape[group.rank_dim] = group.r
+        return mask.reshape(shape)
 
     @torch.no_grad()
     def post_optimizer_step(self, step: int) -> None:
         # Strict mode: masked components get their pre-step values back, so neither momentum nor weight decay
         # moves them.
-        for slot, (a0, b0, drop_a, drop_b) in zip(self.ctx.slots, self._saved_for_update_mask):
-            slot.a_weight[drop_a] = a0[drop_a]
-            slot.b_weight[:, drop_b] = b0[:, drop_b]
+        for p, before, keep in self._saved_for_update_mask:
+            p.copy_(torch.where(keep, p, before))
         self._saved_for_update_mask = []
