@@ -2,11 +2,10 @@
 
 from .config import MethodConfig
 from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, attach
-from .methods import FlatLoRA, FlatLoRAConfig, RMLoRA, RMLoRAConfig
+from .methods import FlatLoRA, FlatLoRAConfig, LoRADropout, LoRADropoutConfig, LoRASC, LoRASCConfig, RMLoRA, RMLoRAConfig
 from .registry import load_methods, method_from_dict
-from .methods import LoRADropout, LoRADropoutConfig
-from .methods import LoRASC, LoRASCConfig
 from .ensemble import TestTimeEnsemble, test_time_ensemble
+from .checkpoint import load_training_state, save_training_state
 
 __version__ = "0.1.0"
 
@@ -43,6 +42,8 @@ __all__ = [
     "TestTimeEnsemble",
     "attach",
     "load_methods",
+    "load_training_state",
     "method_from_dict",
+    "save_training_state",
     "test_time_ensemble",
 ]
