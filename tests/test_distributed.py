@@ -42,6 +42,9 @@ def train(rank, world, init_file, out_dir):
     handle.bind_optimizer(opt)
     wrapped.train()
     masks, noises = [], []
+    per_rank = genlora.FlatLoRA(sigma=0.2, schedule="constant", noise_per_rank=True)
+    genlora.attach(make_llama_peft(seed=0), per_rank).begin_step()
+    own_noise = per_rank.noise(per_rank.ctx.slots[0])
     for ids in global_batches():
         local = ids.chunk(world)[rank]
         handle.begin_step()
@@ -52,7 +55,8 @@ def train(rank, world, init_file, out_dir):
         masks.append([ka.clone() for ka, _ in handle.method("rm_lora").last_keep])
         opt.zero_grad()
     torch.save(
-        {"adapter": get_peft_model_state_dict(model), "masks": masks, "noise": [n for n in noises if n is not None]},
+        {"adapter": get_peft_model_state_dict(model), "masks": masks, "noise": [n for n in noises if n is not None],
+         "own_noise": own_noise},
         os.path.join(out_dir, f"rank{rank}_of{world}.pt"),
     )
     if world > 1:
@@ -70,3 +74,5 @@ def test_ddp_two_processes_match_each_other_and_one_process(tmp_path):
     assert all(torch.equal(a, b) for ma, mb in zip(r0["masks"], r1["masks"]) for a, b in zip(ma, mb))
     assert len(r0["noise"]) == STEPS - 1  # linear ramp: no noise at step 0
     assert all(torch.equal(a, b) for a, b in zip(r0["noise"], r1["noise"]))
+    assert not torch.equal(r0["own_noise"], r1["own_noise"])  # noise_per_rank=True: independent per rank
+    assert torch.equal(r0["own_noise"], single["own_noise"])

@@ -21,9 +21,12 @@ from .lora_layers import LoraSlot
 class NoiseDraw(Protocol):
     """One immutable noise draw for one layer: regenerating it gives the same tensor bit for bit.
 
-    A draw may also have `perturb(weight) -> Tensor | None`: W + eps in W's dtype in one fused pass, with the bits
-    that `sample_into` + add + round give (None: no fused path for this tensor). It is used when the draw is the
-    layer's only one.
+    Optional fused paths (used by `PerturbedWeight.build`, which falls back to `sample_into` when they decline):
+      * `triton_term() -> NoiseTerm | None`: the draw as a term ("normal" or "uniform", seed, scale) of the fused
+        Triton kernel `genlora.kernels.flat_noise_triton.perturb`, which forms W + eps_1 (+ eps_2) in one pass. The
+        draw's `sample_into` must then use the same kernel on the tensors the kernel supports
+        (`kernel.row_noise` / `kernel.uniform_noise`), so fused and unfused builds agree bit for bit.
+      * `perturb(weight) -> Tensor | None`: W + eps in W's dtype in one pass, for a layer's only draw.
     """
 
     def sample_into(self, out: torch.Tensor, accumulate: bool) -> None:
@@ -45,16 +48,55 @@ class PerturbedWeight:
         self.draws = tuple(draws)
 
     def build(self, weight: torch.Tensor) -> torch.Tensor:
-        if len(self.draws) == 1:
+        fused = fused_perturbation(self.draws, weight)
+        if fused is not None:  # the Triton kernel: noise, scale and add in one pass over W, rounded once
+            return fused
+        if len(self.draws) == 1 and not hasattr(self.draws[0], "triton_term"):
             perturb = getattr(self.draws[0], "perturb", None)
             fused = perturb(weight) if perturb is not None else None
-            if fused is not None:  # e.g. Flat-LoRA's Triton kernel: noise, scale and add in one pass over W
+            if fused is not None:
                 return fused
         buf = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)  # (n_out, n_in)
         for i, draw in enumerate(self.draws):
             draw.sample_into(buf, accumulate=i > 0)
         buf.add_(weight)
         return buf if weight.dtype == torch.float32 else buf.to(weight.dtype)
+
+
+_KERNEL: object = False  # the Triton kernel module once looked up (None: unavailable)
+
+
+def noise_kernel():
+    """`genlora.kernels.flat_noise_triton` if triton imports and GENLORA_TRITON does not disable it, else None.
+    Imported on first use, so CPU-only runs never import triton."""
+    global _KERNEL
+    if _KERNEL is False:
+        try:
+            from ..kernels import flat_noise_triton
+
+            _KERNEL = flat_noise_triton if flat_noise_triton.available() else None
+        except Exception:  # pragma: no cover - a broken triton install: PyTorch paths
+            _KERNEL = None
+    return _KERNEL
+
+
+def fused_perturbation(draws: Sequence[NoiseDraw], weight: torch.Tensor) -> torch.Tensor | None:
+    """W + sum(draws) in W's dtype from one pass of the Triton kernel, when every draw offers a `triton_term` (one
+    or two of them) and the kernel runs on `weight`'s device; None otherwise (the caller then uses `sample_into`)."""
+    if not 1 <= len(draws) <= 2 or not all(hasattr(d, "triton_term") for d in draws):
+        return None
+    kernel = noise_kernel()
+    if kernel is None or not kernel.usable(weight):
+        return None
+    terms = [d.triton_term() for d in draws]
+    if any(t is None for t in terms):
+        return None
+    try:
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        return kernel.perturb(out, terms, base=weight)
+    except Exception as err:  # pragma: no cover - a GPU whose Triton cannot compile the kernel
+        kernel.disable(err)
+        return None
 
 
 class _PerturbedLinearFn(torch.autograd.Function):

@@ -15,7 +15,6 @@ eps from its seed in the backward; only the per-row std (O(n_out) per layer) and
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,7 @@ import torch
 from ..config import MethodConfig, check_choice, check_int, check_range
 from ..core.lora_layers import LoraSlot
 from ..core.method import AttachContext, Method
+from ..core.perturbed_linear import fused_perturbation, noise_kernel
 from ..core.seeding import GeneratorPool, derive_seed
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -51,9 +51,19 @@ class FlatLoRAConfig(MethodConfig):
         metadata={"help": "Draw new noise every this many optimizer steps (the official code's interval T; 1)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of Flat-LoRA's own noise generator."})
+    noise_per_rank: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torch.distributed: False (default) draws the same noise on every rank, i.e. one "
+            "perturbation of the shared weights per step, as a single process with the global batch would; True "
+            "draws independent noise per rank (more perturbations averaged per step)."
+        },
+    )
 
     def __post_init__(self):
         check_range("sigma", self.sigma, low=0.0)
+        if not isinstance(self.noise_per_rank, bool):
+            raise TypeError(f"noise_per_rank must be a bool, got {self.noise_per_rank!r}")
         check_choice("schedule", self.schedule, SCHEDULES)
         check_int("resample_every", self.resample_every, low=1)
         check_int("seed", self.seed, low=0)
@@ -122,38 +132,17 @@ def _mm_each(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]
 
 
 def _triton_kernel():
-    """The fused Triton noise module, or None (not installed, or disabled); imported on first use only."""
-    global _TRITON
-    if _TRITON is False:
-        try:
-            from ..kernels import flat_noise_triton
-
-            _TRITON = flat_noise_triton if flat_noise_triton.available() else None
-        except Exception:  # pragma: no cover - a broken triton install: use the PyTorch path
-            _TRITON = None
-    return _TRITON
-
-
-_TRITON = False  # not looked up yet
-
-
-def _triton_failed(err: Exception) -> None:
-    global _TRITON
-    _TRITON = None
-    warnings.warn(
-        f"genlora: Flat-LoRA's Triton noise kernel failed ({type(err).__name__}: {err}); using the PyTorch path for "
-        "the rest of this process (set GENLORA_TRITON=0 to silence this)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    """The fused Triton noise kernel module, or None (not installed, or disabled); imported on first use."""
+    return noise_kernel()
 
 
 class GaussianRowNoise:
     """eps (n_out, n_in) with eps_ij = std_i * z_ij, z ~ N(0, 1), a pure function of `seed`.
 
     On CUDA with Triton, z comes from the fused counter-based kernel (`genlora.kernels.flat_noise_triton`), which
-    also forms W + eps in one pass (`perturb`); elsewhere from `torch.randn` with a generator seeded with `seed`.
-    The two paths draw different numbers with the same law; each regenerates its own draw bit for bit.
+    also forms W + eps in one pass (`triton_term` / `perturb`, used by `core.perturbed_linear`); elsewhere from
+    `torch.randn` with a generator seeded with `seed`. The two paths draw different numbers with the same law; each
+    regenerates its own draw bit for bit.
     """
 
     __slots__ = ("seed", "std", "pool")
@@ -162,13 +151,13 @@ class GaussianRowNoise:
         self.seed, self.std, self.pool = seed, std, pool
 
     def sample_into(self, out: torch.Tensor, accumulate: bool) -> None:
-        kernel = _triton_kernel()
-        if kernel is not None and kernel.supports(out):
+        kernel = noise_kernel()
+        if kernel is not None and kernel.usable(out):
             try:
                 kernel.row_noise(out, self.std, self.seed, base=out if accumulate else None)
                 return
             except Exception as err:  # pragma: no cover - needs a GPU whose Triton cannot compile the kernel
-                _triton_failed(err)
+                kernel.disable(err)
         gen = self.pool.get(out.device, self.seed)
         if accumulate:
             out.addcmul_(torch.randn(out.shape, generator=gen, device=out.device), self.std[:, None])
@@ -176,18 +165,16 @@ class GaussianRowNoise:
             torch.randn(out.shape, generator=gen, device=out.device, out=out)
             out.mul_(self.std[:, None])
 
+    def triton_term(self):
+        """This draw as a term of the fused kernel: ("normal", seed, per-row std)."""
+        from ..kernels.flat_noise_triton import NoiseTerm
+
+        return NoiseTerm("normal", self.seed, self.std)
+
     def perturb(self, weight: torch.Tensor) -> torch.Tensor | None:
         """W + eps in W's dtype in one fused pass (fp32 sum, rounded once: the bits `sample_into` + add + cast
         give), or None where there is no fused path (the caller then builds it with `sample_into`)."""
-        kernel = _triton_kernel()
-        if kernel is None or not kernel.supports(weight):
-            return None
-        try:
-            return kernel.row_noise(torch.empty_like(weight, memory_format=torch.contiguous_format), self.std,
-                                    self.seed, base=weight)
-        except Exception as err:  # pragma: no cover - see sample_into
-            _triton_failed(err)
-            return None
+        return fused_perturbation([self], weight)
 
 
 class _NormGroup:
@@ -295,6 +282,13 @@ class FlatLoRA(Method):
         norms.mul_(sigma / math.sqrt(group.slots[0].base_layer.weight.shape[1]))
         return {s.index: row for s, row in zip(group.slots, norms.unbind(0))}
 
+    @property
+    def _rank(self) -> int:
+        if not self.config.noise_per_rank:
+            return 0
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     def _seed(self, slot: LoraSlot) -> int:
         draw_id, seeds = self._seeds
         if draw_id != self._draw_id:
@@ -302,7 +296,7 @@ class FlatLoRA(Method):
             self._seeds = (self._draw_id, seeds)
         seed = seeds.get(slot.index)
         if seed is None:
-            seed = seeds[slot.index] = derive_seed(self.config.seed, "flat_lora", self._draw_id, slot.index)
+            seed = seeds[slot.index] = derive_seed(self.config.seed, "flat_lora", self._draw_id, slot.index, self._rank)
         return seed
 
     def draw_for(self, slot: LoraSlot) -> GaussianRowNoise | None:

@@ -17,6 +17,7 @@ Two mechanisms that raise the intrinsic dimension (effective rank) of the learne
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -86,8 +87,9 @@ def orthogonality_regularizer(slots: list[LoraSlot]) -> torch.Tensor:
 
 
 def _factor_views(r: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A as (r, n_in) and B as (n_out, r): Conv's trailing kernel dims folded into n_in, B's trailing 1x1 dropped."""
-    return a.reshape(r, -1), b.reshape(b.shape[0], r)
+    """A as (r, n_in) and B as (n_out, r): Conv's trailing kernel dims folded into n_in, B's trailing 1x1 dropped.
+    Linear factors are already 2-D and are used as they are (no view op, no extra autograd node)."""
+    return (a if a.dim() == 2 else a.reshape(r, -1)), (b if b.dim() == 2 else b.reshape(b.shape[0], r))
 
 
 def _batched_regularizer(factors: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -110,6 +112,17 @@ def _batched_regularizer(factors: list[tuple[int, torch.Tensor, torch.Tensor]]) 
         eye = torch.eye(gram.shape[-1], device=device, dtype=dtype)
         norms.append(torch.linalg.matrix_norm(gram - eye))  # (G,)
     return torch.cat(norms).mean()
+
+
+def _owner(slot: LoraSlot, which: str) -> tuple[Any, str]:
+    """(object, key) with object._parameters[key] the LoRA factor: a cheap handle to look it up again."""
+    if which == "A":
+        if slot.adapter in slot.layer.lora_A:
+            return slot.layer.lora_A[slot.adapter], "weight"
+        return slot.layer.lora_embedding_A, slot.adapter
+    if slot.adapter in slot.layer.lora_B:
+        return slot.layer.lora_B[slot.adapter], "weight"
+    return slot.layer.lora_embedding_B, slot.adapter
 
 
 class _MaskGroup:
@@ -146,6 +159,7 @@ class RMLoRA(Method):
         self._rank_groups: list[tuple[int, int, torch.Tensor]] = []  # (r, k, slot positions) in first-seen order
         self._r_max = 0
         self._factors: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (r, A, B) per slot, refreshed each step
+        self._owners: list[tuple[tuple[Any, str], tuple[Any, str]]] = []  # where A and B live: (module, name)
         self._mask_groups: list[_MaskGroup] = []
         self._saved_for_update_mask: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_keep: list[tuple[torch.Tensor, torch.Tensor]] = []  # per slot (keep_A, keep_B), bool (r,)
@@ -177,21 +191,29 @@ class RMLoRA(Method):
 
     def on_detach(self) -> None:
         self._factors = []
+        self._owners = []
         self._mask_groups = []
         self._saved_for_update_mask = []
         super().on_detach()
 
     def _refresh(self) -> None:
-        """Look the LoRA parameters up again (once per step, not per forward) and regroup them for the masks."""
+        """Look the LoRA parameters up (at attach and once per step, not per forward) and group them for the masks;
+        the grouping is rebuilt only when a parameter object changed (e.g. a module was replaced)."""
         slots = self.ctx.slots
+        if not self._owners:
+            self._owners = [(_owner(s, "A"), _owner(s, "B")) for s in slots]
+        params = [(a[0]._parameters[a[1]], b[0]._parameters[b[1]]) for a, b in self._owners]
+        if self._factors and all(p is f[1] and q is f[2] for (p, q), f in zip(params, self._factors)):
+            return
+        self._owners = [(_owner(s, "A"), _owner(s, "B")) for s in slots]
         self._factors = [(s.r, s.a_weight, s.b_weight) for s in slots]
         groups: dict[tuple, tuple[list[int], list[torch.nn.Parameter]]] = {}
         for pos, (r, a, b) in enumerate(self._factors):
             for kind, p in (("A", a), ("B", b)):
-                pos_list, params = groups.setdefault((kind, tuple(p.shape), p.dtype, p.device, r), ([], []))
+                pos_list, params_ = groups.setdefault((kind, tuple(p.shape), p.dtype, p.device, r), ([], []))
                 pos_list.append(pos)
-                params.append(p)
-        self._mask_groups = [_MaskGroup(key[0], pos, params, key[4]) for key, (pos, params) in groups.items()]
+                params_.append(p)
+        self._mask_groups = [_MaskGroup(key[0], pos, params_, key[4]) for key, (pos, params_) in groups.items()]
 
     def begin_step(self, step: int) -> None:
         self._refresh()
@@ -224,8 +246,12 @@ class RMLoRA(Method):
 
     def draw_keep_masks(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per slot, boolean (r,) masks of the rank components of A and of B that keep their gradient."""
-        keep_a, keep_b = self._draw_keep(step)
-        return [(keep_a[i, : s.r], keep_b[i, : s.r]) for i, s in enumerate(self.ctx.slots)]
+        return self._per_slot(*self._draw_keep(step))
+
+    def _per_slot(self, keep_a: torch.Tensor, keep_b: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows_a, rows_b = keep_a.unbind(0), keep_b.unbind(0)
+        r_max = self._r_max
+        return [(a, b) if r == r_max else (a[:r], b[:r]) for a, b, r in zip(rows_a, rows_b, self._rs)]
 
     def _device_masks(self, keep_a: torch.Tensor, keep_b: torch.Tensor) -> list[torch.Tensor]:
         """Per mask group, its (G, r) keep mask on the group's device: one host-to-device copy per device."""
@@ -254,7 +280,7 @@ class RMLoRA(Method):
         if step < self.config.mask_start_step:
             return
         keep_a, keep_b = self._draw_keep(step)
-        self.last_keep = [(keep_a[i, : s.r], keep_b[i, : s.r]) for i, s in enumerate(self.ctx.slots)]
+        self.last_keep = self._per_slot(keep_a, keep_b)
         # Gradients the handle let through are finite (its on_nonfinite check), so multiplying by 0/1 zeroes exactly
         # what `grad[drop] = 0` zeroed; with on_nonfinite="off" a NaN/inf may remain, so index-fill instead.
         exact = getattr(self.ctx.handle, "on_nonfinite", "off") == "off"
@@ -267,8 +293,9 @@ class RMLoRA(Method):
                 if exact:
                     for g, m in zip(grads, [m for _, m in present]):
                         g.masked_fill_(self._broadcast(group, ~m, g), 0)
-                else:
-                    masks = group.expand(torch.stack([m for _, m in present]), grads[0]).to(grads[0].dtype)
+                else:  # one mask tensor for the group, materialised in the gradients' layout: a fused foreach
+                    rows = keep if len(present) == len(group.params) else torch.stack([m for _, m in present])
+                    masks = group.expand(rows, grads[0]).to(grads[0].dtype).contiguous()
                     torch._foreach_mul_(grads, list(masks.unbind(0)))
             if strict:
                 for p, m in zip(group.params, keep.unbind(0)):
