@@ -77,6 +77,19 @@ def make_llama_peft(seed=0, r=4, dtype=torch.float32, task="CAUSAL_LM", num_labe
     return peft_model
 
 
+class ListDataset(torch.utils.data.Dataset):
+    """A Trainer dataset over a list of example dicts."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 def base_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import torch
-from conftest import base_weights, tiny_llama_config
-from test_integrations import LOAD_WITH_PLAIN_PEFT, ListDataset, learnable_base, pattern_batches
+from conftest import ListDataset, base_weights
+from test_integrations import LOAD_WITH_PLAIN_PEFT, learnable_base, pattern_batches
 
 import genlora
 

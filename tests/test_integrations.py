@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_weights, tiny_llama_config
+from conftest import ListDataset, base_weights, tiny_llama_config
 
 import genlora
 
@@ -75,20 +75,9 @@ def test_readme_plain_loop_runs_verbatim_and_learns(tmp_path, monkeypatch):
     assert (tmp_path / "my-adapter" / genlora.GENLORA_CONFIG_NAME).exists()
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def test_trainer_with_grad_accumulation_and_clipping(tmp_path):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     model = get_peft_model(learnable_base(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     examples = [{k: v[i] for k, v in b.items()} for b in pattern_batches(40, batch=8) for i in range(8)]

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_llama_peft, make_mlp_peft
+from conftest import ListDataset, make_llama_peft, make_mlp_peft
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
@@ -470,17 +470,6 @@ def test_save_pretrained_with_merged_expectation_is_a_plain_adapter_of_the_expec
 
 
 # --- transformers Trainer --------------------------------------------------------------------------------------------
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def trainer_args(tmp_path, **kw):
     from transformers import TrainingArguments
 

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_weights, make_llama_peft, make_mlp_peft, tiny_llama_config
+from conftest import ListDataset, base_weights, make_llama_peft, make_mlp_peft, tiny_llama_config
 from peft.tuners.lora import LoraLayer
 
 import genlora
@@ -83,17 +83,6 @@ def docstring_block(title: str) -> str:
     match = re.search(rf"^{title}.*?::\n\n((?:    .*\n|\n)+)", doc + "\n", re.M)
     assert match, f"no '{title}' example in LoRASC's docstring"
     return textwrap.dedent(match.group(1))
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
 
 def token_batches(n, batch=2, length=10, seed=0):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_llama_peft
+from conftest import ListDataset, make_llama_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 import genlora
@@ -147,17 +147,6 @@ def test_corrupt_or_foreign_state_file(tmp_path):
         other.load_state(good)
     assert other.global_step == 0
     assert good.read_bytes()  # nothing was overwritten
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
 
 def trainer_run(out_dir, make_methods, resume=False):
