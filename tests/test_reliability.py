@@ -184,3 +184,15 @@ def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
     shutil.rmtree(tmp_path / "b" / "checkpoint-6")
     with pytest.raises(FileNotFoundError, match="genlora_state.pt is missing"):
         trainer_run(tmp_path / "b", setup, resume=True)
+
+
+def test_sharded_base_weight_fails_clearly():
+    """FSDP / ZeRO-3 shard the base weights; the weight-noise methods refuse them instead of perturbing a shard."""
+    model = make_llama_peft()
+    handle = genlora.attach(model, genlora.FlatLoRA(sigma=0.1, schedule="constant"))
+    handle.slots[0].base_layer.weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    model.train()
+    handle.begin_step()
+    ids = batches(1)[0]
+    with pytest.raises(RuntimeError, match="sharded .*use DDP or ZeRO-1/2"):
+        model(input_ids=ids, labels=ids)
