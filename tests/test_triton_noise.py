@@ -35,7 +35,8 @@ def test_kernel_in_triton_interpreter_on_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA device")
-def test_kernel_on_gpu():
+def test_kernel_on_gpu(monkeypatch):
+    monkeypatch.setenv("GENLORA_TRITON", "auto")  # the kernel is opt-in until verified on a GPU
     sys.path.insert(0, HERE)
     import triton_noise_checks
 
