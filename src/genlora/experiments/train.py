@@ -274,7 +274,12 @@ def evaluate_run(cfg: TrainConfig, adapter_dir: Path, splits: dict, device: torc
     ev = cfg.evaluation
     model, tokenizer = load_adapter(adapter_dir, cfg.model, device, seed=cfg.training.seed)
     forward, ens_handle, ensemble_info = None, None, None
-    if ev.ensemble and any(m.get("method") == "lora_dropout" for m in cfg.methods):
+    names = {m.get("method") for m in cfg.methods}
+    if ev.ensemble and "lora_dropout" in names and "lorasc" in names:
+        # The exported adapter concatenates LoRASC's slow experts with the last fast LoRA; masking it all would also
+        # drop parts of the merged experts, which the method never does (spec 5.2): evaluate the plain adapter.
+        ensemble_info = {"used": False, "reason": "LoRASC's slow experts are part of the exported adapter"}
+    elif ev.ensemble and "lora_dropout" in names:
         forward, ens_handle = ensemble_forward(model, adapter_dir)
         if forward is None:
             ensemble_info = {"used": False, "reason": ens_handle}
@@ -298,9 +303,9 @@ def evaluate_run(cfg: TrainConfig, adapter_dir: Path, splits: dict, device: torc
         train = splits["train"]
         n = min(ev.sharpness_examples, len(train))
         enc = encode(tokenizer, train.subset(np.arange(n)), cfg.data.max_length)
-        batches = [
+        batches = [  # small length-sorted batches: little padding
             {k: v.to(device) for k, v in collate(enc, idx, tokenizer.pad_token_id).items()}
-            for idx in eval_batches(enc, cfg.training.eval_batch_size)
+            for idx in eval_batches(enc, min(16, cfg.training.eval_batch_size))
         ]
         with Timer() as sharp_timer:
             if ev.sharpness:
