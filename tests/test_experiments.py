@@ -24,7 +24,8 @@ pytest.importorskip("scipy")
 from genlora import cli  # noqa: E402
 from genlora.experiments import compare as cmp  # noqa: E402
 from genlora.experiments import data as gdata  # noqa: E402
-from genlora.experiments.config import CompareConfig, ConfigError, TrainConfig, parse_config  # noqa: E402
+from genlora.experiments.config import (  # noqa: E402
+    CompareConfig, ConfigError, TrainConfig, TrainingConfig, parse_config)
 from genlora.experiments.metrics import (  # noqa: E402
     classification_metrics,
     effective_rank,
@@ -135,6 +136,20 @@ def test_cli_train_then_eval(tiny, tmp_path, capsys):
     assert cli.main(["eval", str(out), tiny["ood"], "--text_column", "sentence", "--label_column", "y"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["n"] == 30 and 0.0 <= printed["accuracy"] <= 1.0
+
+
+def test_min_steps_raises_epochs_on_small_training_sets(tiny, tmp_path):
+    tc = TrainingConfig(epochs=2, min_steps=10)
+    assert [tc.epochs_for(spe) for spe in (1, 3, 5, 10)] == [10, 4, 2, 2]  # whole epochs, never fewer than `epochs`
+    assert TrainingConfig(epochs=2).epochs_for(1) == 2
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "train.yaml", _train_cfg(tiny, out))
+    assert cli.main(["train", cfg, "--no-progress", "--training.epochs=1", "--training.min_steps=9",
+                     "--training.batch_size=16"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    per_epoch = math.ceil(m["data"]["train"]["n"] / 16)
+    assert m["epochs"] == math.ceil(9 / per_epoch) > 1 and m["steps"] == m["epochs"] * per_epoch
+    assert len(m["epoch_train_loss"]) == m["epochs"]
 
 
 def test_lora_dropout_run_uses_the_test_time_ensemble(tiny, tmp_path, capsys):
@@ -312,6 +327,7 @@ def test_sharpness_zero_at_zero_and_grows(tiny):
         ({"training": {"epochs": "three"}}, "training.epochs"),
         ({"data": {"max_length": 1.5}}, "data.max_length"),
         ({"training": {"lr": -1.0}}, "training.lr"),
+        ({"training": {"min_steps": 0}}, "training.min_steps"),
         ({"lora": {"r": 0}}, "lora.r"),
         ({"data": {"validation_fraction": 1.5}}, "data.validation_fraction"),
         ({"methods": [{"method": "flat_lora", "sigma": -0.1}]}, "methods[0]"),
@@ -425,3 +441,35 @@ def test_default_configs_parse():
     p = cmp.plan(cfg) if gdata.data_dir().joinpath(gdata.VADER_SDIST).is_file() else None
     if p is not None:
         assert all(set(v.skipped) <= {"lorasc", "lora_dropout"} for v in p.variants)
+
+
+def test_published_configs_parse():
+    """The configs that produced results/ stay valid (they are the reproduction commands)."""
+    from genlora.experiments.vision import VisionCompareConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    text = parse_config(CompareConfig, root / "published_text.yaml")
+    assert len(text.seeds) >= 10 and text.train_sizes == [100, 300, 1000] and text.tuning.enabled
+    assert [text.base.training.epochs_for(-(-n // 16)) for n in (100, 300, 1000)] == [10, 4, 2]
+    vision = parse_config(VisionCompareConfig, root / "published_vision.yaml")
+    assert len(vision.seeds) >= 10 and vision.shots == [10, 30, 100] and vision.tuning.enabled
+    assert {v.name for v in text.variants} == {v.name for v in vision.variants}
+
+
+def test_summary_tables_over_settings():
+    """One row per variant, one column per training size; methods show the paired difference and its interval."""
+    def setting(n, lora_acc, flat_acc):
+        per = lambda accs: {seed: {"test_acc": a, "test_ece": 0.1} for seed, a in enumerate(accs)}  # noqa: E731
+        return {"setting": f"n{n}_r8", "train_size": n, "rank": 8,
+                "variants": {"lora": {"per_seed": per(lora_acc)}, "flat_lora": {"per_seed": per(flat_acc)}}}
+
+    results = {"baseline": "lora", "settings": [setting(100, [0.70, 0.72, 0.74], [0.72, 0.74, 0.76]),
+                                                setting(300, [0.80, 0.80, 0.82], [0.79, 0.81, 0.80])]}
+    cmp.add_statistics(results)
+    lines = cmp.summary_tables(results)
+    assert "| variant | n=100 | n=300 |" in lines
+    rows = [line for line in lines if line.startswith("| flat_lora")]
+    # n=100: +2.0 on every seed -> zero-width interval excluding 0 (starred); n=300: -0.7 with an interval across 0
+    assert rows[0].startswith("| flat_lora | 74.0 (+2.0 [+2.0, +2.0])* | 80.0 (-0.7 [")
+    assert not rows[0].endswith("* |")
+    assert any(line.startswith("| lora | 72.0 ± ") for line in lines)

@@ -23,6 +23,7 @@ from genlora.experiments.config import (  # noqa: E402
     EvaluationConfig,
     LoraSettings,
     TrainingConfig,
+    TuningConfig,
     Variant,
 )
 
@@ -234,7 +235,8 @@ def test_compare_vision(tiny_base, tiny_splits, tmp_path):
     cfg = V.VisionCompareConfig(
         base=_adapt_cfg([]),
         variants=[Variant("lora"), Variant("rm_lora", [{"method": "rm_lora", "reg_lambda": 0.1, "k": 2}])],
-        seeds=[0, 1], shots=[2], output_dir=os.fspath(tmp_path / "cmp"), plots=False)
+        seeds=[0, 1], shots=[2], tuning=TuningConfig(enabled=False), output_dir=os.fspath(tmp_path / "cmp"),
+        plots=False)
     res = V.compare_vision(cfg, base_dir=folder, splits=tiny_splits, progress=False)
     (setting,) = res["settings"]
     assert setting["train_size"] == 20 and setting["rank"] == 4
@@ -245,3 +247,38 @@ def test_compare_vision(tiny_base, tiny_splits, tmp_path):
     assert again["cells_run"] == 0 and again["cells_skipped"] == 4
     with pytest.raises(ValueError, match="baseline"):
         V.VisionCompareConfig(variants=[Variant("a")], baseline="lora")
+
+
+def test_compare_vision_tunes_on_validation_only(tiny_base, tiny_splits, tmp_path):
+    """Each method's grid is scored on the validation split (the test split is never evaluated in a tuning cell),
+    the best point is used by every variant running that method, and the table states it."""
+    _, folder = tiny_base
+    grid = {"flat_lora": {"sigma": [0.01, 0.2]}, "lora_dropout": {"p": [0.2]}}
+    cfg = V.VisionCompareConfig(
+        base=_adapt_cfg([]),
+        variants=[Variant("lora"), Variant("flat", [{"method": "flat_lora"}]),
+                  Variant("both", [{"method": "flat_lora"}, {"method": "lora_dropout", "p": 0.1}])],
+        seeds=[0, 1], shots=[2], tuning=TuningConfig(grid=grid, seeds=[0, 1]),
+        output_dir=os.fspath(tmp_path / "cmp"), plots=False)
+    res = V.compare_vision(cfg, base_dir=folder, splits=tiny_splits, progress=False)
+    (setting,) = res["settings"]
+    report = setting["tuning"]["flat_lora"]
+    assert [pt["sigma"] for pt in report["points"]] == [0.01, 0.2] and len(report["scores"]) == 2
+    cells = sorted((tmp_path / "cmp" / "tuning" / "k2_r4" / "flat_lora").glob("*/seed-*/metrics.json"))
+    assert len(cells) == 4  # 2 points x 2 tuning seeds
+    for path in cells:
+        evaluated = json.loads(path.read_text())["eval"]
+        assert set(evaluated) == {"validation"}  # never test
+    best = max(range(2), key=lambda i: (report["scores"][i]["validation_acc"], -report["scores"][i]["validation_nll"]))
+    sigma = report["points"][best]["sigma"]
+    assert setting["chosen"]["flat_lora"] == {"sigma": sigma}
+    assert setting["variants"]["flat"]["methods"] == [{"method": "flat_lora", "sigma": sigma}]
+    # a value the variant pins itself wins over the chosen one (single-value grids are not run)
+    assert setting["variants"]["both"]["methods"] == [{"method": "flat_lora", "sigma": sigma},
+                                                      {"method": "lora_dropout", "p": 0.1}]
+    assert not (tmp_path / "cmp" / "tuning" / "k2_r4" / "lora_dropout").exists()
+    assert f"| flat_lora | sigma={sigma} |" in (tmp_path / "cmp" / "results.md").read_text()
+    with pytest.raises(ConfigError, match="tuning.grid.flat_lora.sigma"):
+        V.compare_vision(V.VisionCompareConfig(base=_adapt_cfg([]), tuning=TuningConfig(grid={"flat_lora": {
+            "sigma": [-1.0]}}), output_dir=os.fspath(tmp_path / "bad")), base_dir=folder, splits=tiny_splits)
+    assert not (tmp_path / "bad").exists()

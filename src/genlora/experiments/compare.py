@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..registry import METHODS
-from .config import CompareConfig, ConfigError, TrainConfig, dump_yaml, to_dict, write_json
+from .config import CompareConfig, ConfigError, TrainConfig, TuningConfig, dump_yaml, to_dict, write_json
 from .data import make_splits
 from .train import build_methods, run, validate
 
@@ -104,6 +104,31 @@ def resolve_option(method: str, option: str, where: str) -> str:
     raise ConfigError(f"{where}: {method} has no option {option!r}; its options are {names}")
 
 
+def resolve_grid(tuning: TuningConfig, used_methods: set[str]) -> tuple[dict[str, dict[str, list[Any]]], list[str]]:
+    """The tuning grid of the methods in use (DEFAULT_GRID when `tuning.grid` is empty), option names resolved to
+    config fields and every value checked by building that method's config (ConfigError naming the entry)."""
+    messages: list[str] = []
+    grid: dict[str, dict[str, list[Any]]] = {}
+    if not tuning.enabled:
+        return grid, messages
+    for method, options in (tuning.grid or DEFAULT_GRID).items():
+        if method not in METHODS:
+            messages.append(f"tuning: skipping {method!r} (not in genlora.registry.METHODS)")
+            continue
+        resolved = {}
+        for option, values in options.items():
+            name = resolve_option(method, option, f"tuning.grid.{method}")
+            for j, value in enumerate(values):
+                try:
+                    METHODS[method].config_class.from_dict({name: value})
+                except (ValueError, TypeError) as e:
+                    raise ConfigError(f"tuning.grid.{method}.{option}[{j}]: {e}") from None
+            resolved[name] = list(values)
+        if method in used_methods:
+            grid[method] = resolved
+    return grid, messages
+
+
 def plan(cfg: CompareConfig) -> Plan:
     """Check everything (raising ConfigError) and decide what runs; writes nothing."""
     messages = []
@@ -124,24 +149,8 @@ def plan(cfg: CompareConfig) -> Plan:
         used_methods.update(e["method"] for e in entries)
         variants.append(VariantPlan(v.name, [dict(e) for e in entries], skipped))
 
-    raw_grid = cfg.tuning.grid or DEFAULT_GRID
-    grid: dict[str, dict[str, list[Any]]] = {}
-    if cfg.tuning.enabled:
-        for method, options in raw_grid.items():
-            if method not in METHODS:
-                messages.append(f"tuning: skipping {method!r} (not in genlora.registry.METHODS)")
-                continue
-            resolved = {}
-            for option, values in options.items():
-                name = resolve_option(method, option, f"tuning.grid.{method}")
-                for j, value in enumerate(values):
-                    try:
-                        METHODS[method].config_class.from_dict({name: value})
-                    except (ValueError, TypeError) as e:
-                        raise ConfigError(f"tuning.grid.{method}.{option}[{j}]: {e}") from None
-                resolved[name] = list(values)
-            if method in used_methods:
-                grid[method] = resolved
+    grid, grid_messages = resolve_grid(cfg.tuning, used_methods)
+    messages += grid_messages
 
     sizes = cfg.train_sizes or [cfg.base.data.train_size]
     if None in sizes:
@@ -287,6 +296,32 @@ def select(points: list[dict], scores: list[dict[str, float]], metric: str) -> i
     return min(range(len(points)), key=key)
 
 
+def tune(grid: dict[str, dict[str, list[Any]]], rank: int, variants: list[list[dict[str, Any]]], seeds: list[int],
+         metric: str, run_point, say) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Choose each method's grid point on the validation split: `run_point(method, entry, point, seed)` trains the
+    method alone (its variant's other options + the point) and returns the run's summary; scores are averaged over
+    `seeds`. Returns (chosen point per method, report with every point's scores). Single-point grids do not run."""
+    chosen: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {}
+    for method, options in grid.items():
+        points = grid_points(options, rank)
+        if len(points) <= 1:
+            if points:
+                chosen[method] = points[0]
+                report[method] = {"points": points, "scores": None, "chosen": points[0]}
+            continue
+        entry = single_entry(variants, method)
+        scores = []
+        for point in points:
+            runs = [run_point(method, {**entry, **point}, point, seed) for seed in seeds]
+            scores.append({k: float(np.mean([r[k] for r in runs])) for k in ("validation_acc", "validation_nll")})
+        best = select(points, scores, metric)
+        chosen[method] = points[best]
+        report[method] = {"points": points, "scores": scores, "chosen": points[best]}
+        say(f"{method} chose {point_label(points[best])} (validation acc {scores[best]['validation_acc']:.4f})")
+    return chosen, report
+
+
 # --- the comparison ---------------------------------------------------------------------------------------------------
 def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the grid and write the tables and plots. Returns results.json's content."""
@@ -320,37 +355,16 @@ def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
 
     settings_out = []
     for s in p.settings:
-        chosen: dict[str, dict[str, Any]] = {}
-        tuning_report: dict[str, Any] = {}
-        for method, options in p.grid.items():
-            points = grid_points(options, s.rank)
-            if not points:
-                continue
-            if len(points) == 1:
-                chosen[method] = points[0]
-                tuning_report[method] = {"points": points, "scores": None, "chosen": points[0]}
-                continue
-            base_entry = _single_entry(p.variants, method)
-            scores = []
-            for point in points:
-                vals = {"validation_acc": [], "validation_nll": []}
-                for seed in tuning_seeds:
-                    path = out / "tuning" / s.key / method / point_label(point) / f"seed-{seed}"
-                    entry = {**base_entry, **point}
-                    m = do(Cell(path, cell_config(cfg, s, [entry], seed, path, tuning=True)),
-                           f"tune {s.key} {method} {point_label(point)} seed {seed}", tuning=True)
-                    vals["validation_acc"].append(m["summary"]["validation_acc"])
-                    vals["validation_nll"].append(m["summary"]["validation_nll"])
-                scores.append({k: float(np.mean(v)) for k, v in vals.items()})
-            best = select(points, scores, cfg.tuning.metric)
-            chosen[method] = points[best]
-            tuning_report[method] = {"points": points, "scores": scores, "chosen": points[best]}
-            say(f"{s.key}: {method} chose {point_label(points[best])} (validation acc "
-                f"{scores[best]['validation_acc']:.4f})")
+        def run_point(method: str, entry: dict[str, Any], point: dict[str, Any], seed: int) -> dict[str, float]:
+            path = out / "tuning" / s.key / method / point_label(point) / f"seed-{seed}"
+            return do(Cell(path, cell_config(cfg, s, [entry], seed, path, tuning=True)),
+                      f"tune {s.key} {method} {point_label(point)} seed {seed}", tuning=True)["summary"]
 
+        chosen, tuning_report = tune(p.grid, s.rank, [v.entries for v in p.variants], tuning_seeds,
+                                     cfg.tuning.metric, run_point, lambda msg: say(f"{s.key}: {msg}"))
         variants_out = {}
         for v in p.variants:
-            methods = _apply_chosen(v.entries, chosen, cfg.tuning.apply_to_combinations)
+            methods = apply_chosen(v.entries, chosen, cfg.tuning.apply_to_combinations)
             per_seed, cells, layer_ranks = {}, {}, {}
             for seed in cfg.seeds:
                 path = out / "cells" / s.key / v.name / f"seed-{seed}"
@@ -397,15 +411,16 @@ def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
     return results
 
 
-def _single_entry(variants: list[VariantPlan], method: str) -> dict[str, Any]:
-    """The entry of the variant that runs `method` alone (its other options carry into tuning), else a bare one."""
-    for v in variants:
-        if len(v.entries) == 1 and v.entries[0]["method"] == method:
-            return dict(v.entries[0])
+def single_entry(variants: list[list[dict[str, Any]]], method: str) -> dict[str, Any]:
+    """The entry of the variant (a list of method entries) that runs `method` alone (its other options carry into
+    tuning), else a bare one."""
+    for entries in variants:
+        if len(entries) == 1 and entries[0]["method"] == method:
+            return dict(entries[0])
     return {"method": method}
 
 
-def _apply_chosen(entries, chosen, to_combinations: bool) -> list[dict[str, Any]]:
+def apply_chosen(entries, chosen, to_combinations: bool) -> list[dict[str, Any]]:
     """Chosen values fill the options a variant does not pin itself."""
     if len(entries) > 1 and not to_combinations:
         return [dict(e) for e in entries]
@@ -494,6 +509,62 @@ def _signed(x: float, metric: str) -> str:
     return s if s.startswith("-") or s == "n/a" else f"+{s}"
 
 
+SUMMARY_METRICS = ["test_acc", "test_ece"]
+
+
+def summary_tables(results: dict[str, Any], metrics: list[str] = SUMMARY_METRICS) -> list[str]:
+    """Markdown lines: per headline metric one table over all settings (columns) and variants (rows). The baseline
+    shows its mean ± 95% half-width; every other variant its mean and the paired difference to the baseline with its
+    95% interval, starred where the interval excludes 0. Needs `add_statistics` first."""
+    settings = results["settings"]
+    if not settings:
+        return []
+    base = results["baseline"]
+    several_ranks = len({s["rank"] for s in settings}) > 1
+    head = [f"n={s['train_size']}" + (f", r={s['rank']}" if several_ranks else "") for s in settings]
+    names = list(dict.fromkeys(n for s in settings for n in s["variants"]))
+    lines = []
+    for m in metrics:
+        if not any(m in v["stats"] for s in settings for v in s["variants"].values()):
+            continue
+        lines += [f"{_label(m)}: mean; for the methods, the paired difference to `{base}` [95% CI] (* the interval "
+                  "excludes 0)", "", "| variant | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for name in names:
+            cells = []
+            for s in settings:
+                v = s["variants"].get(name)
+                st = v["stats"].get(m) if v else None
+                pr = v["paired"].get(m) if v else None
+                if not st:
+                    cells.append("–")
+                elif not pr or not pr["n"]:
+                    cells.append(_cell_abs(st, m))
+                else:
+                    lo, hi = pr["diff_ci95_low"], pr["diff_ci95_high"]
+                    ci = "" if math.isnan(lo) else f" [{_signed(lo, m)}, {_signed(hi, m)}]"
+                    star = "*" if not math.isnan(lo) and (lo > 0 or hi < 0) else ""
+                    cells.append(f"{_fmt(st['mean'], m)} ({_signed(pr['diff_mean'], m)}{ci}){star}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def tuning_table(tuning: dict[str, Any], where: str) -> list[str]:
+    """Markdown lines stating each method's chosen hyperparameters and the validation score of every candidate."""
+    if not tuning:
+        return []
+    lines = [f"Hyperparameters chosen on {where}, never on test:", "",
+             "| method | chosen | candidates (validation acc %) |", "|---|---|---|"]
+    for method, rep in tuning.items():
+        if rep["scores"] is None:
+            cands = point_label(rep["points"][0]) + " (single value)"
+        else:
+            cands = "; ".join(f"{point_label(pt)} ({100 * sc['validation_acc']:.1f})"
+                              for pt, sc in zip(rep["points"], rep["scores"]))
+        lines.append(f"| {method} | {point_label(rep['chosen'])} | {cands} |")
+    return lines + [""]
+
+
 def write_tables(results: dict[str, Any], out: Path, cfg: CompareConfig) -> None:
     names = metric_names(results)
     base_name = results["baseline"]
@@ -513,20 +584,12 @@ def write_tables(results: dict[str, Any], out: Path, cfg: CompareConfig) -> None
         lines.append(f"- note: {msg}")
     if results["messages"]:
         lines.append("")
+    if len(results["settings"]) > 1:
+        lines += ["## Summary over settings", ""] + summary_tables(results)
     for s in results["settings"]:
         lines += [f"## {s['train_size']} training examples, LoRA rank {s['rank']}", ""]
-        if s["tuning"]:
-            lines += ["Hyperparameters chosen on a validation split of the training subset "
-                      f"({int(100 * cfg.tuning.validation_fraction)}%; seeds {results['tuning_seeds']}), never on test:",
-                      "", "| method | chosen | candidates (validation acc %) |", "|---|---|---|"]
-            for method, rep in s["tuning"].items():
-                if rep["scores"] is None:
-                    cands = point_label(rep["points"][0]) + " (single value)"
-                else:
-                    cands = "; ".join(f"{point_label(pt)} ({100 * sc['validation_acc']:.1f})"
-                                      for pt, sc in zip(rep["points"], rep["scores"]))
-                lines.append(f"| {method} | {point_label(rep['chosen'])} | {cands} |")
-            lines.append("")
+        lines += tuning_table(s["tuning"], "a validation split of the training subset "
+                              f"({int(100 * cfg.tuning.validation_fraction)}%; seeds {results['tuning_seeds']})")
         lines += ["| variant | methods run | " + " | ".join(_label(m) for m in names) + " |",
                   "|---|---|" + "---|" * len(names)]
         for vname, v in s["variants"].items():

@@ -10,6 +10,7 @@ raised before any output folder is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -113,6 +114,10 @@ class TrainingConfig:
     """The plain PyTorch loop: AdamW, warmup + decay, gradient clipping."""
 
     epochs: int = 3
+    # Small training sets get too few updates at a fixed epoch count (100 sentences x 3 epochs = 21 steps): with
+    # min_steps, epochs are raised to ceil(min_steps / steps_per_epoch), so a train-size sweep compares data, not
+    # under-training. Whole epochs keep LoRASC's one-epoch stages and the per-epoch data order intact.
+    min_steps: Optional[int] = None  # null: exactly `epochs`
     lr: float = 5e-4
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -128,6 +133,8 @@ class TrainingConfig:
 
     def __post_init__(self):
         check_int("epochs", self.epochs, low=1)
+        if self.min_steps is not None:
+            check_int("min_steps", self.min_steps, low=1)
         check_range("lr", self.lr, low=0.0, low_open=True)
         check_int("batch_size", self.batch_size, low=1)
         check_int("eval_batch_size", self.eval_batch_size, low=1)
@@ -139,6 +146,12 @@ class TrainingConfig:
         if self.num_threads is not None:
             check_int("num_threads", self.num_threads, low=1)
         check_int("log_every", self.log_every, low=1)
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Epochs to run: `epochs`, raised to reach `min_steps` optimizer steps when that is set."""
+        if self.min_steps is None:
+            return self.epochs
+        return max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
 
 
 @dataclass

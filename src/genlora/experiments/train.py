@@ -150,7 +150,8 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
 
     train_enc = encode(tokenizer, splits["train"], dc.max_length)
     steps_per_epoch = math.ceil(len(train_enc) / tc.batch_size)
-    total_steps = steps_per_epoch * tc.epochs
+    epochs = tc.epochs_for(steps_per_epoch)
+    total_steps = steps_per_epoch * epochs
     warmup = int(round(tc.warmup_ratio * total_steps))
     methods = build_methods(cfg.methods)
     handle = attach(model, *methods, total_steps=total_steps) if methods else None
@@ -173,7 +174,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
     log = _Log(out)
     log.write(
         {"event": "start", "total_steps": total_steps, "n_train": len(train_enc), "device": str(device)},
-        f"training {len(train_enc)} examples, {tc.epochs} epochs, {total_steps} steps on {device}; methods: "
+        f"training {len(train_enc)} examples, {epochs} epochs, {total_steps} steps on {device}; methods: "
         f"{[m['method'] for m in cfg.methods] or 'plain LoRA'}; new parameters: {new_params}",
     )
 
@@ -183,7 +184,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
     bar = tqdm(total=total_steps, desc="train", leave=False, disable=not progress, position=tqdm_position,
                dynamic_ncols=True)
     with Timer() as train_timer, PeakMemory(device) as mem:
-        for epoch in range(tc.epochs):
+        for epoch in range(epochs):
             epoch_sum, epoch_n = 0.0, 0
             for index in train_batches(train_enc, tc.batch_size, seed, epoch, tc.group_by_length):
                 batch = {k: v.to(device) for k, v in collate(train_enc, index, tokenizer.pad_token_id).items()}
@@ -250,6 +251,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
             "peak_memory_mib": mem.peak_mib,
             "memory_kind": mem.kind,
             "steps": total_steps,
+            "epochs": epochs,
             "epoch_train_loss": epoch_losses,
             "methods": methods_config["methods"],
             "device": str(device),

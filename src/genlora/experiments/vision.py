@@ -18,8 +18,9 @@ ensemble), with the text runner's metrics (accuracy, NLL, ECE, effective rank, s
 Determinism: for a seed, the few-shot subset, the batch order, the new head and the LoRA initialisation are the same
 for every method (paired comparisons); two runs with the same config give identical numbers on CPU.
 
-`compare_vision` runs variants x seeds x shots (resumable cells, like `genlora compare`) and writes results.md / .csv /
-.json with the text runner's statistics (mean, 95% t-interval, paired differences to the baseline, paired t-test).
+`compare_vision` runs variants x seeds x shots (resumable cells, like `genlora compare`), choosing each method's main
+hyperparameters per setting on MNIST-5k's validation split (never test), and writes results.md / .csv / .json with the
+text runner's statistics (mean, 95% t-interval, paired differences to the baseline, paired t-test).
 
 Command line: `python -m genlora.experiments.vision {pretrain,adapt,compare} [--config FILE.yaml] [--key=value ...]`.
 """
@@ -46,7 +47,9 @@ import torch
 
 from ..config import check_choice, check_int, check_range
 from ..core.handle import write_json_atomic
-from .config import ConfigError, EvaluationConfig, LoraSettings, TrainingConfig, Variant, dump_yaml, to_dict
+from .config import (ConfigError, EvaluationConfig, LoraSettings, TrainingConfig, TuningConfig, Variant, dump_yaml,
+                     to_dict)
+from .compare import add_statistics, apply_chosen, point_label, resolve_grid, summary_tables, tune, tuning_table
 from .data import data_dir
 from .train import build_methods, lr_factor, summarize
 from .vision_data import NUM_CLASSES, ImageData, few_shot, load_fashion_mnist, mnist_splits
@@ -203,8 +206,13 @@ class AdaptConfig:
 
 
 def _default_variants() -> list[Variant]:
-    return [Variant("lora"), Variant("flat_lora", [{"method": "flat_lora", "sigma": 0.05}]),
-            Variant("rm_lora", [{"method": "rm_lora", "reg_lambda": 0.1}])]
+    return [Variant("lora"), Variant("flat_lora", [{"method": "flat_lora"}]), Variant("rm_lora", [{"method": "rm_lora"}])]
+
+
+def _vision_tuning() -> TuningConfig:
+    # validation_fraction is unused here: the validation split is MNIST-5k's own (data.validation_per_class images per
+    # class, disjoint from the few-shot pool and the test split).
+    return TuningConfig()
 
 
 @dataclass
@@ -217,6 +225,8 @@ class VisionCompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     shots: list[int] = field(default_factory=lambda: [20, 100])
     ranks: Optional[list[int]] = None  # null: base.lora.r
+    # each method's main hyperparameters chosen per setting on the validation split (text runner's grid and rule)
+    tuning: TuningConfig = field(default_factory=_vision_tuning)
     output_dir: str = "runs/vision"
     plots: bool = True
     save_adapters: bool = False  # keep each cell's adapter (~100 kB each)
@@ -596,7 +606,8 @@ def adapt_run(cfg: AdaptConfig | None = None, *, base_dir: str | os.PathLike | N
             model = peft_vit(base, cfg.lora).to(device)
             n = len(train)
             steps_per_epoch = math.ceil(n / tc.batch_size)
-            total_steps = steps_per_epoch * tc.epochs
+            epochs = tc.epochs_for(steps_per_epoch)
+            total_steps = steps_per_epoch * epochs
             warmup = int(round(tc.warmup_ratio * total_steps))
             handle = attach(model, *methods, total_steps=total_steps) if methods else None
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -622,7 +633,7 @@ def adapt_run(cfg: AdaptConfig | None = None, *, base_dir: str | os.PathLike | N
             step, epoch_losses = 0, []
             bar = _progress(total_steps, "adapt", progress)
             with open(log_dir / "train_log.jsonl", "w") as logf, Timer() as train_timer, PeakMemory(device) as mem:
-                for epoch in range(tc.epochs):
+                for epoch in range(epochs):
                     loss_sum, correct = 0.0, 0
                     order = _epoch_order(n, seed, epoch)
                     for i in range(0, n, tc.batch_size):
@@ -685,6 +696,7 @@ def adapt_run(cfg: AdaptConfig | None = None, *, base_dir: str | os.PathLike | N
         "peak_memory_mib": mem.peak_mib,
         "memory_kind": mem.kind,
         "steps": total_steps,
+        "epochs": epochs,
         "epoch_train_loss": epoch_losses,
         "methods": methods_config["methods"],
         "device": str(device),
@@ -767,12 +779,16 @@ def compare_vision(cfg: VisionCompareConfig | None = None, *, base_dir: str | os
     `cfg.output_dir`, with the text runner's statistics (`compare.add_statistics`, `compare.write_tables`).
 
     Cells: `cells/k<shots>_r<rank>/<variant>/seed-<s>/` (an `adapt_run` folder each), written under `.tmp` and
-    renamed; a finished cell with the same config is reused, one with another config is an error."""
-    from .compare import add_statistics
-
+    renamed; a finished cell with the same config is reused, one with another config is an error. With tuning on,
+    each method's grid first runs in `tuning/k<shots>_r<rank>/<method>/<point>/seed-<s>/`, scored on the validation
+    split only (the text runner's selection rule), and the chosen values fill the options a variant leaves open."""
     cfg = cfg or VisionCompareConfig()
     for v in cfg.variants:  # method names and options, before anything runs
         build_methods(v.methods, f"variants[{v.name}].methods")
+    grid, grid_messages = resolve_grid(cfg.tuning, {e["method"] for v in cfg.variants for e in v.methods})
+    if grid and ("validation" not in splits if splits is not None else cfg.base.data.validation_per_class == 0):
+        raise ConfigError("tuning needs a validation split: set base.data.validation_per_class > 0 (or "
+                          "tuning.enabled: false)")
     say = (lambda line: print(f"genlora vision: {line}", file=sys.stderr, flush=True)) if progress else (
         lambda line: None)
     out = Path(cfg.output_dir)
@@ -787,57 +803,81 @@ def compare_vision(cfg: VisionCompareConfig | None = None, *, base_dir: str | os
         dc = cfg.base.data
         splits = mnist_splits(dc.test_per_class, dc.validation_per_class, dc.split_seed)
     ranks = cfg.ranks or [cfg.base.lora.r]
-    ran = skipped = 0
+    tuning_seeds = cfg.tuning.seeds or [cfg.seeds[0]]
+    counts = {"ran": 0, "skipped": 0}
     cpu0 = time.process_time()
+
+    def cell(run_cfg: AdaptConfig, path: Path, label: str, keep_adapter: bool) -> dict[str, Any]:
+        """Run one adaptation into `path` (via `path.tmp`, renamed when complete), or reuse a finished one."""
+        wanted = to_dict(run_cfg)
+        if (path / "metrics.json").is_file():
+            with open(path / "config.json") as f:
+                if json.load(f) != json.loads(json.dumps(wanted)):
+                    raise ConfigError(f"finished cell {path} was run with another config; choose another "
+                                      "output_dir or delete the cell")
+            with open(path / "metrics.json") as f:
+                counts["skipped"] += 1
+                return json.load(f)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        m = adapt_run(run_cfg, base_dir=base_dir, splits=splits, out_dir=tmp, keep_adapter=keep_adapter,
+                      progress=False)
+        write_json_atomic(tmp / "config.json", wanted)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        counts["ran"] += 1
+        sm = m["summary"]
+        say(f"{label}: " + ", ".join(f"{k.replace('_acc', '')} {sm[k]:.3f}" for k in
+                                     ("train_acc", "validation_acc", "test_acc") if k in sm)
+            + f" ({sm['train_time_s']:.1f} s)")
+        return m
+
+    def run_config(shots: int, rank: int, seed: int, methods: list[dict], tuning: bool = False) -> AdaptConfig:
+        run_cfg = copy.deepcopy(cfg.base)
+        run_cfg.methods = copy.deepcopy(methods)
+        run_cfg.data.shots = shots
+        run_cfg.lora.r = rank
+        run_cfg.training.seed = seed
+        if tuning:  # validation accuracy/NLL only: never the test split
+            ev = run_cfg.evaluation
+            ev.splits, ev.spectra, ev.sharpness, ev.landscape_scales = ["validation"], False, False, []
+        return run_cfg
+
     settings_out = []
     for rank in ranks:
         for shots in cfg.shots:
             key = f"k{shots}_r{rank}"
+
+            def run_point(method: str, entry: dict[str, Any], point: dict[str, Any], seed: int) -> dict[str, float]:
+                return cell(run_config(shots, rank, seed, [entry], tuning=True),
+                            out / "tuning" / key / method / point_label(point) / f"seed-{seed}",
+                            f"tune {key} {method} {point_label(point)} seed {seed}", keep_adapter=False)["summary"]
+
+            chosen, tuning_report = tune(grid, rank, [v.methods for v in cfg.variants], tuning_seeds,
+                                         cfg.tuning.metric, run_point, lambda msg: say(f"{key}: {msg}"))
             variants_out = {}
             for v in cfg.variants:
+                methods = apply_chosen(v.methods, chosen, cfg.tuning.apply_to_combinations)
                 per_seed, cells = {}, {}
                 for seed in cfg.seeds:
-                    run_cfg = copy.deepcopy(cfg.base)
-                    run_cfg.methods = copy.deepcopy(v.methods)
-                    run_cfg.data.shots = shots
-                    run_cfg.lora.r = rank
-                    run_cfg.training.seed = seed
                     path = out / "cells" / key / v.name / f"seed-{seed}"
-                    wanted = to_dict(run_cfg)
-                    if (path / "metrics.json").is_file():
-                        with open(path / "config.json") as f:
-                            if json.load(f) != json.loads(json.dumps(wanted)):
-                                raise ConfigError(f"finished cell {path} was run with another config; choose another "
-                                                  "output_dir or delete the cell")
-                        with open(path / "metrics.json") as f:
-                            m = json.load(f)
-                        skipped += 1
-                    else:
-                        tmp = path.with_name(path.name + ".tmp")
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        m = adapt_run(run_cfg, base_dir=base_dir, splits=splits, out_dir=tmp,
-                                      keep_adapter=cfg.save_adapters, progress=False)
-                        write_json_atomic(tmp / "config.json", wanted)
-                        if path.exists():
-                            shutil.rmtree(path)
-                        os.replace(tmp, path)
-                        ran += 1
-                        s = m["summary"]
-                        say(f"{key} {v.name} seed {seed}: train {s['train_acc']:.3f} test {s['test_acc']:.3f} "
-                            f"NLL {s['test_nll']:.3f} ECE {s['test_ece']:.3f} ({s['train_time_s']:.1f} s)")
+                    m = cell(run_config(shots, rank, seed, methods), path, f"{key} {v.name} seed {seed}",
+                             keep_adapter=cfg.save_adapters)
                     per_seed[seed] = m["summary"]
                     cells[seed] = os.fspath(path.relative_to(out))
-                variants_out[v.name] = {"methods": v.methods, "skipped_methods": [], "per_seed": per_seed,
+                variants_out[v.name] = {"methods": methods, "skipped_methods": [], "per_seed": per_seed,
                                         "cells": cells}
             settings_out.append({"setting": key, "train_size": shots * NUM_CLASSES, "shots": shots, "rank": rank,
-                                 "chosen": {}, "tuning": {}, "variants": variants_out})
+                                 "chosen": chosen, "tuning": tuning_report, "variants": variants_out})
+    ran, skipped = counts["ran"], counts["skipped"]
     results = {
         "task": "vision: ViT pretrained on Fashion-MNIST, LoRA few-shot on MNIST-5k",
         "baseline": cfg.baseline,
         "seeds": cfg.seeds,
-        "tuning_seeds": [],
+        "tuning_seeds": tuning_seeds if grid else [],
         "settings": settings_out,
-        "messages": [f"base {Path(base_dir).name}: Fashion-MNIST test accuracy {base_info['test_accuracy']:.4f}; "
+        "messages": grid_messages + [f"base {Path(base_dir).name}: Fashion-MNIST test accuracy {base_info['test_accuracy']:.4f}; "
                      f"MNIST-5k test set {len(splits['test'])} images; train_size = shots x 10 classes"],
         "base": {k: base_info.get(k) for k in ("key", "test_accuracy", "train_time_s", "parameters", "config")},
         "cells_run": ran,
@@ -889,9 +929,12 @@ def write_vision_tables(results: dict[str, Any], out: str | os.PathLike) -> None
              f"seeds. Paired differences are per seed (same few-shot subset, batch order, head and LoRA init) against "
              f"`{base}`, with a 95% t-interval and a paired t-test p-value. ECE: 15 equal-width bins.", ""]
     lines += [f"- {m}" for m in results.get("messages", [])] + [""]
+    if len(results["settings"]) > 1:
+        lines += ["## Summary over settings", ""] + summary_tables(results)
     for s in results["settings"]:
-        lines += [f"## {s['shots']} shots per class ({s['train_size']} images), LoRA rank {s['rank']}", "",
-                  "| variant | methods | " + " | ".join(_LABELS[m] for m in names) + " |",
+        lines += [f"## {s['shots']} shots per class ({s['train_size']} images), LoRA rank {s['rank']}", ""]
+        lines += tuning_table(s.get("tuning", {}), f"MNIST-5k's validation split (seeds {results['tuning_seeds']})")
+        lines += ["| variant | methods | " + " | ".join(_LABELS[m] for m in names) + " |",
                   "|---|---|" + "---|" * len(names)]
         for vname, v in s["variants"].items():
             desc = " + ".join(", ".join(f"{k}={x}" for k, x in e.items()) for e in v["methods"]) or "plain LoRA"
@@ -967,9 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "compare":
             cfg = parse_config(VisionCompareConfig, source, rest)
-            results = compare_vision(cfg)
+            compare_vision(cfg)
             print((Path(cfg.output_dir) / "results.md").read_text())
-            del results
         else:
             cfg = parse_config(AdaptConfig, source, rest)
             if command == "pretrain":
