@@ -134,31 +134,69 @@ def check_uniform_and_two_terms(device: str) -> None:
 
 
 def check_core_two_draw_build(device: str) -> None:
-    """`PerturbedWeight.build` fuses two draws that offer `triton_term` (as LoRASC's stage noise can) into one kernel
-    pass, with the bits of the unfused build."""
+    """`PerturbedWeight.build` fuses LoRASC's stage noise and Flat-LoRA's noise into one kernel pass, with the bits of
+    the unfused build (each draw's `sample_into` on the kernel, summed in fp32, + W, rounded once)."""
     from genlora.core.perturbed_linear import PerturbedWeight
     from genlora.core.seeding import GeneratorPool
-    from genlora.kernels.flat_noise_triton import NoiseTerm, uniform_noise
+    from genlora.kernels.flat_noise_triton import uniform_noise
     from genlora.methods.flat_lora import GaussianRowNoise
-
-    class UnfusedUniform:  # a uniform stage-noise draw with only `sample_into` (on the kernel)
-        def __init__(self, seed, scale):
-            self.seed, self.scale = seed, scale
-
-        def sample_into(self, out, accumulate):
-            uniform_noise(out, self.scale, self.seed, base=out if accumulate else None)
-
-    class Uniform(UnfusedUniform):  # ... and with `triton_term`: how it plugs into the fused path
-        def triton_term(self):
-            return NoiseTerm("uniform", self.seed, self.scale)
+    from genlora.methods.lorasc import UniformNoise
 
     g = torch.Generator().manual_seed(2)
-    w = torch.randn(20, 700, generator=g).to(device)
+    pool = GeneratorPool()
     std = (0.1 * torch.rand(20, generator=g)).to(device)
-    gauss = GaussianRowNoise(999, std, GeneratorPool())
-    fused = PerturbedWeight([Uniform(5, 0.2), gauss]).build(w)
-    unfused = PerturbedWeight([UnfusedUniform(5, 0.2), gauss]).build(w)  # sample_into, + sample_into, + W
-    assert torch.equal(fused, unfused)
+    stage, gauss = UniformNoise(5, 0.2, pool), GaussianRowNoise(999, std, pool)
+    single = torch.empty(20, 700, device=device)
+    stage.sample_into(single, accumulate=False)  # LoRASC's draw comes from the kernel's generator
+    assert torch.equal(single, uniform_noise(torch.empty_like(single), 0.2, 5))
+    # bf16 only on a GPU: Triton's CPU interpreter truncates fp32 -> bf16 stores (measured: half of the elements one
+    # bf16 ulp towards zero) where the compiled kernel rounds to nearest even, as torch's .to(bfloat16) does
+    for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
+        w = torch.randn(20, 700, generator=g).to(device=device, dtype=dtype)
+        fused = PerturbedWeight([stage, gauss]).build(w)
+        buf = torch.empty(w.shape, device=device)
+        stage.sample_into(buf, accumulate=False)
+        gauss.sample_into(buf, accumulate=True)
+        assert torch.equal(fused, buf.add_(w).to(dtype)), dtype
+        assert torch.equal(PerturbedWeight([stage]).build(w), (single + w).to(dtype)), dtype
+
+
+def check_lorasc(device: str) -> None:
+    """LoRASC + Flat-LoRA on the kernel: training steps across a stage boundary leave the base bit-identical, and the
+    stage noise a layer sees is regenerated bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    import genlora
+    from genlora.core.perturbed_linear import noise_kernel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 8)).to(device)
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    handle = genlora.attach(model, genlora.LoRASC(stage_steps=2, noise_lambda=0.15, seed=3),
+                            genlora.FlatLoRA(sigma=0.1, schedule="constant", seed=4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    handle.bind_optimizer(opt)
+    model.train()
+    x = torch.randn(16, 40, device=device)
+    for _ in range(5):
+        handle.begin_step()
+        model(x).pow(2).mean().backward()
+        handle.optimizer_step(opt)
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, before[n]), n
+    lorasc, slot = next(m for m in handle.methods if isinstance(m, genlora.LoRASC)), handle.slots[0]
+    kernel = noise_kernel()
+    assert kernel is not None and kernel.usable(slot.base_layer.weight), "Triton path not active"
+    draw = lorasc.draw_for(slot)
+    assert draw is not None and draw.triton_term() is not None
+    first, again = (torch.empty_like(slot.base_layer.weight, dtype=torch.float32) for _ in range(2))
+    draw.sample_into(first, accumulate=False)
+    draw.sample_into(again, accumulate=False)
+    assert torch.equal(first, again) and 0 < first.abs().max() <= draw.scale / 2
 
 
 def check_flat_lora(device: str) -> None:
@@ -207,12 +245,12 @@ def check_flat_lora(device: str) -> None:
         if not p.requires_grad:
             assert torch.equal(p, before[n]), n
 
-
 def run_all(device: str) -> None:
     check_kernel(device)
     check_uniform_and_two_terms(device)
     check_core_two_draw_build(device)
     check_flat_lora(device)
+    check_lorasc(device)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ class TestTimeEnsemble:
             if logits.shape[-1] < 2:
                 raise ValueError(f"the ensemble averages class probabilities; logits of shape {tuple(logits.shape)} "
                                  "have fewer than two classes")
-            logp = logits.float().log_softmax(-1)
+            # dtype= computes in fp32 without first materialising an fp32 copy of bf16/fp16 logits (T x V x 4 bytes)
+            logp = torch.log_softmax(logits, -1, dtype=torch.float32)
             if log_mean is None:
                 log_mean = logp
             elif torch.is_grad_enabled() and (log_mean.requires_grad or logp.requires_grad):

@@ -40,6 +40,7 @@ from ..config import MethodConfig, check_choice, check_int, check_range
 from ..core.export import merged_dense_copy
 from ..core.lora_layers import LoraSlot
 from ..core.method import AttachContext, Method
+from ..core.perturbed_linear import noise_kernel
 from ..core.seeding import GeneratorPool, derive_seed
 
 SLOW_UPDATES = ("lookahead", "ema")
@@ -112,14 +113,31 @@ class LoRASCConfig(MethodConfig):
 
 
 class UniformNoise:
-    """xi (n_out, n_in) = (u - 1/2) * scale, u ~ U[0, 1) elementwise from a generator seeded with `seed`."""
+    """xi (n_out, n_in) = (u - 1/2) * scale, u ~ U[0, 1) elementwise, a pure function of `seed`.
+
+    On CUDA with the Triton kernel enabled (GENLORA_TRITON=auto), u comes from its counter-based generator, and
+    `core.perturbed_linear` forms W + xi (+ Flat-LoRA's eps) in one pass through `triton_term`; elsewhere from
+    `torch.rand` with a generator seeded with `seed`. Each path regenerates its own draw bit for bit."""
 
     __slots__ = ("seed", "scale", "pool")
 
     def __init__(self, seed: int, scale: float, pool: GeneratorPool):
         self.seed, self.scale, self.pool = seed, scale, pool
 
+    def triton_term(self):
+        """This draw as a term of the fused kernel: ("uniform", seed, scale)."""
+        from ..kernels.flat_noise_triton import NoiseTerm
+
+        return NoiseTerm("uniform", self.seed, self.scale)
+
     def sample_into(self, out: torch.Tensor, accumulate: bool) -> None:
+        kernel = noise_kernel()
+        if kernel is not None and kernel.usable(out):
+            try:  # the same numbers the fused build draws, so fused and unfused builds agree bit for bit
+                kernel.uniform_noise(out, self.scale, self.seed, base=out if accumulate else None)
+                return
+            except Exception as err:  # pragma: no cover - needs a GPU whose Triton cannot compile the kernel
+                kernel.disable(err)
         gen = self.pool.get(out.device, self.seed)
         if accumulate:
             out.add_(torch.rand(out.shape, generator=gen, device=out.device).sub_(0.5).mul_(self.scale))
