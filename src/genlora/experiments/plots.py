@@ -58,7 +58,7 @@ def accuracy_vs_train_size(results: dict[str, Any], folder: Path) -> list[Path]:
         metrics = [m for m in metrics if any(m in v["stats"] for s in rows for v in s["variants"].values())]
         if not metrics:
             continue
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.2 * len(metrics), 5.5), 3.8), squeeze=False)
         variants = list(rows[0]["variants"])
         for ax, metric in zip(axes[0], metrics):
             for name in variants:
@@ -73,15 +73,19 @@ def accuracy_vs_train_size(results: dict[str, Any], folder: Path) -> list[Path]:
                     lo.append(half)
                     hi.append(half)
                 if xs:
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
+                    style = {"color": "black", "linestyle": "--", "zorder": 3} if name == results["baseline"] else {}
+                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name, **style)
             ax.set_xlabel("training examples")
             ax.set_ylabel("accuracy (%)")
             ax.set_title("in-domain test" if metric == "test_acc" else f"OOD: {metric[4:-4]}")
-            if len({s['train_size'] for s in rows}) > 1:
+            sizes = sorted({s["train_size"] for s in rows})
+            if len(sizes) > 1:
                 ax.set_xscale("log")
+                ax.set_xticks(sizes, [str(n) for n in sizes])  # the sizes that ran, not powers of ten
+                ax.minorticks_off()
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"Accuracy vs training size (LoRA rank {rank}; mean and 95% CI over seeds)")
+        fig.suptitle(f"Accuracy vs training size\n(LoRA rank {rank}; mean and 95% CI over seeds)", fontsize=10)
         fig.tight_layout()
         path = folder / ("accuracy_vs_train_size.png" if len(ranks) == 1 else f"accuracy_vs_train_size_r{rank}.png")
         fig.savefig(path, dpi=110)
