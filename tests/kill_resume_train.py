@@ -22,7 +22,7 @@ torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
 model = make_llama_peft(seed=0)
 methods = [genlora.LoRASC(stage_steps=4, alpha=0.7), genlora.FlatLoRA(sigma=0.1), genlora.RMLoRA(k=2),
-           genlora.LoRADropout(p=0.1)]
+           genlora.LoRADropout(p=0.1, deploy="merged_expectation")]
 handle = genlora.attach(model, *methods, total_steps=steps)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.1, total_iters=steps)

@@ -19,10 +19,10 @@ def test_all_four_through_the_trainer_save_and_reload_with_plain_peft(tmp_path):
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     frozen = base_weights(model)
-    lorasc = genlora.LoRASC(alpha=0.8, noise_lambda=0.05)  # stages = epochs, from the Trainer's dataloader
+    lorasc = genlora.LoRASC(alpha=0.8, noise_lambda=0.05)  # 3 stages over the Trainer's max_steps
     flat = genlora.FlatLoRA(sigma=0.05)
     rm = genlora.RMLoRA(k=2, reg_lambda=0.1)
-    dropout = genlora.LoRADropout(p=0.1, n_train=2)
+    dropout = genlora.LoRADropout(p=0.1, n_train=2, deploy="merged_expectation")
     handle = genlora.attach(model, dropout, rm, flat, lorasc, guard_base=True)
     # spec 5.2: the stage change first, then the step's Flat-LoRA draw (its row norms see the new slow weights)
     assert [m.name for m in handle.methods][:2] == ["lorasc", "flat_lora"]

@@ -8,6 +8,7 @@ from conftest import make_llama_peft, make_mlp_peft
 from torch import nn
 
 import genlora
+from peft import get_peft_model_state_dict
 from genlora import FlatLoRA, FlatLoRAConfig, RMLoRA, RMLoRAConfig
 
 
@@ -179,7 +180,8 @@ def test_state_dict_round_trip_and_mismatch(tmp_path):
         handle.optimizer_step(opt)
     state = handle.state_dict()
     assert state["global_step"] == 3
-    json.dumps({k: v for k, v in state.items() if k != "method_states"})  # the descriptive part is JSON
+    json.dumps({k: v for k, v in state.items() if k not in ("method_states", "adapter")})  # descriptive part: JSON
+    assert set(state["adapter"]) == set(get_peft_model_state_dict(model))  # the trained adapter travels with it
     handle.detach()
     other = genlora.attach(model, FlatLoRA(sigma=0.1, resample_every=2, schedule="constant"), RMLoRA(k=2))
     other.load_state_dict(state)
@@ -198,7 +200,9 @@ def test_save_pretrained_writes_config_and_load_methods(tmp_path):
     assert (tmp_path / "adapter_config.json").exists()
     assert (tmp_path / "adapter_model.safetensors").exists()
     saved = json.loads((tmp_path / genlora.GENLORA_CONFIG_NAME).read_text())
-    assert saved["methods"][0] == {"method": "flat_lora", **FlatLoRAConfig(sigma=0.07).to_dict()}
-    methods = genlora.load_methods(tmp_path)
-    assert [m.config for m in methods] == [m.config for m in handle.methods]
+    seed = handle.methods[0].seed  # derived from the global torch seed at attach, and recorded
+    assert isinstance(seed, int) and seed == saved["methods"][0]["seed"]
+    assert saved["methods"][0] == {"method": "flat_lora", **FlatLoRAConfig(sigma=0.07, seed=seed).to_dict()}
+    methods = genlora.load_methods(tmp_path)  # rebuilt with the run's seeds pinned
+    assert [m.config.to_dict() for m in methods] == [m.resolved_config() for m in handle.methods]
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporary files

@@ -215,11 +215,19 @@ def test_cosine_first_step_is_noise_free_and_eval_is_clean():
 
 
 def test_unsupported_layer_kind():
+    """A PEFT LoRA type genlora does not map (MultiheadAttention) is refused before anything changes."""
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "1"]))
-    with pytest.raises(TypeError, match="Flat-LoRA supports LoRA on float nn.Linear"):
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    peft_model = get_peft_model(Attn(), LoraConfig(r=2, target_modules=["mha"]))
+    with pytest.raises(TypeError, match="Flat-LoRA supports PEFT LoRA on Linear"):
         genlora.attach(peft_model, genlora.FlatLoRA())
-    genlora.attach(peft_model, genlora.RMLoRA(k=1)).detach()  # RM-LoRA works on any LoRA factors
+    assert "forward" not in peft_model.base_model.model.mha.__dict__

@@ -66,7 +66,8 @@ def valid_method(name, r, draw):
                               noise_mode=draw(st.sampled_from(["transient", "persistent"])))
     if name == "lora_dropout":
         return genlora.LoRADropout(p=draw(st.floats(0, 0.9)), rescale=draw(st.sampled_from(["none", "inverted"])),
-                                   mask_per_example=draw(st.booleans()))
+                                   mask_per_example=draw(st.booleans()),
+                                   deploy=draw(st.sampled_from(["ensemble", "merged_expectation"])))
     raise AssertionError(f"add a strategy for method {name!r}")
 
 
@@ -83,6 +84,12 @@ def test_valid_configs_train_a_step_and_keep_the_base(data):
                                                                     init_lora_weights="gaussian"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     methods = [valid_method(n, r, draw) for n in names]
+    deploys = [m.config.deploy for m in methods if m.name == "lora_dropout"]
+    if "lorasc" in names and deploys == ["ensemble"]:  # documented refusal, before anything changes
+        with pytest.raises(ValueError, match="merged_expectation"):
+            genlora.attach(model, *methods, total_steps=3)
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+        return
     handle = genlora.attach(model, *methods, total_steps=3)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     handle.bind_optimizer(opt)

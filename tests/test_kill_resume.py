@@ -67,6 +67,6 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     handle.detach()
     other = genlora.attach(model, genlora.RMLoRA(k=2))
     path.write_bytes(data)
-    with pytest.raises(ValueError, match="written by a run with methods"):
+    with pytest.raises(ValueError, match="saved state is for methods"):
         load_training_state(path, other, opt)
     assert path.read_bytes() == data

@@ -130,12 +130,15 @@ def test_bad_options_raise_naming_the_field_before_any_change(options, field, er
 
 def test_config_defaults_round_trip_and_registry():
     cfg = LoRASCConfig()
-    assert (cfg.alpha, cfg.slow_update, cfg.stage_steps, cfg.noise_mode) == (0.5, "lookahead", None, "transient")
+    assert (cfg.alpha, cfg.slow_update, cfg.num_stages, cfg.stage_steps, cfg.stage_per_epoch, cfg.noise_mode,
+            cfg.noise_scope, cfg.seed) == (0.5, "lookahead", 3, None, False, "transient", "lora", None)
     assert all(LoRASCConfig.help().values())
     again = LoRASCConfig.from_json(LoRASCConfig(alpha=0.8, stage_steps=7, noise_lambda=0.0).to_json())
     assert again == LoRASCConfig(alpha=0.8, stage_steps=7, noise_lambda=0.0)
     assert isinstance(genlora.method_from_dict({"method": "lorasc", "alpha": 1.0}), LoRASC)
-    assert LoRASC.order < genlora.FlatLoRA.order
+    assert LoRASC.phase < genlora.FlatLoRA.phase  # the stage change runs before the step's noise draw
+    with pytest.raises(ValueError, match="stage_steps and stage_per_epoch"):
+        LoRASCConfig(stage_steps=2, stage_per_epoch=True)
 
 
 def test_unsupported_layers_are_refused_before_any_change():
@@ -179,33 +182,38 @@ def test_boundaries_every_n_steps():
     assert [lorasc.slow_rank(s) for s in handle.slots] == [3 * 4, 3 * 4]
 
 
-def test_boundaries_default_to_one_epoch():
-    model = make_mlp_peft()
-    lorasc = LoRASC(steps_per_epoch=4, noise_lambda=0.0)
-    _, stages, _ = run_and_record(model, lorasc, 9)
-    assert stages == [0] * 4 + [1] * 4 + [2]
+def test_stage_length_options():
+    """Default: num_stages=3 stages of equal length over the run; one stage per epoch and fixed lengths on request."""
+    def stages_of(lorasc, steps, **loop):
+        model = make_mlp_peft()
+        opt = adam(model)
+        handle = genlora.attach(model, lorasc, optimizer=opt, **loop)
+        x, y = mlp_data()
+        seen = []
+        for _ in range(steps):
+            mlp_step(model, handle, opt, x, y)
+            seen.append(lorasc.stage)
+        return seen
 
-    model = make_mlp_peft()
-    lorasc = LoRASC(noise_lambda=0.0)
-    handle = genlora.attach(model, lorasc)
-    handle.steps_per_epoch = 2  # what GenLoRACallback sets from the Trainer's dataloader
-    opt = adam(model)
-    handle.bind_optimizer(opt)
-    x, y = mlp_data()
-    seen = []
-    for _ in range(5):
-        mlp_step(model, handle, opt, x, y)
-        seen.append(lorasc.stage)
-    assert seen == [0, 0, 1, 1, 2]
-    # stage_steps wins over the epoch length
-    assert LoRASC(stage_steps=3, steps_per_epoch=10).stage_length() == 3
+    assert stages_of(LoRASC(noise_lambda=0.0), 9, total_steps=9) == [0] * 3 + [1] * 3 + [2] * 3
+    assert stages_of(LoRASC(noise_lambda=0.0), 10, total_steps=10) == [0] * 4 + [1] * 3 + [2] * 3
+    assert stages_of(LoRASC(num_stages=2, noise_lambda=0.0), 5, total_steps=5) == [0] * 3 + [1] * 2
+    # the stage count does not follow the data: 50 steps are still 3 stages, not one per epoch
+    assert len(set(stages_of(LoRASC(noise_lambda=0.0), 50, total_steps=50, steps_per_epoch=2))) == 3
+    per_epoch = stages_of(LoRASC(stage_per_epoch=True, noise_lambda=0.0), 5, steps_per_epoch=2)
+    assert per_epoch == [0, 0, 1, 1, 2]
+    assert stages_of(LoRASC(stage_per_epoch=True, steps_per_epoch=4, noise_lambda=0.0), 9) == [0] * 4 + [1] * 4 + [2]
+    # a fixed length wins over num_stages and needs no run length
+    assert stages_of(LoRASC(stage_steps=3, noise_lambda=0.0), 7) == [0, 0, 0, 1, 1, 1, 2]
 
 
 def test_unknown_stage_length_raises_clearly():
-    model = make_mlp_peft()
-    handle = genlora.attach(model, LoRASC())
-    with pytest.raises(RuntimeError, match="steps_per_epoch"):
-        handle.begin_step()
+    for lorasc, missing in ((LoRASC(), "total_steps"), (LoRASC(stage_per_epoch=True), "steps_per_epoch")):
+        model = make_mlp_peft()
+        handle = genlora.attach(model, lorasc, optimizer=adam(model))
+        with pytest.raises(RuntimeError, match=missing):
+            handle.begin_step()
+        assert not handle.in_step
 
 
 # --- fresh fast LoRA and optimizer state ----------------------------------------------------------------------------
@@ -262,18 +270,16 @@ def test_fresh_a_is_peft_kaiming_from_own_generator():
         assert not slot.lora_B.weight.any()
 
 
-def test_missing_or_wrong_optimizer_raises_at_the_boundary_without_changes():
+def test_missing_or_wrong_optimizer_raises_without_changes():
     model = make_mlp_peft()
     lorasc = LoRASC(stage_steps=1, noise_lambda=0.0)
     handle = genlora.attach(model, lorasc)
-    opt = adam(model)
-    x, y = mlp_data()
-    mlp_step(model, handle, opt, x, y)  # stage 0 needs no optimizer binding
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="bind_optimizer"):
+    with pytest.raises(RuntimeError, match="bind_optimizer"):  # a declared requirement, checked before step 0
         handle.begin_step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert lorasc.stage == 0 and lorasc.extra_delta_factors(handle.slots[0]) == []
+    assert lorasc.stage is None and lorasc.extra_delta_factors(handle.slots[0]) == [] and not handle.in_step
+    x, y = mlp_data()
 
     model = make_mlp_peft()
     lorasc = LoRASC(stage_steps=1, noise_lambda=0.0)
@@ -389,9 +395,10 @@ def test_stage_noise_is_exact_transient_and_changes_with_the_stage():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_eval_outputs_bit_identical_with_noise_and_after_detach():
+def test_eval_outputs_are_the_deployed_model_without_noise():
+    """Evaluation sees no stage noise, and the fast expert at weight alpha (W + S_T), as every save path writes."""
     model = make_llama_peft(seed=2)
-    lorasc = LoRASC(stage_steps=5, noise_lambda=0.3)
+    lorasc = LoRASC(alpha=0.6, stage_steps=5, noise_lambda=0.3)
     handle = genlora.attach(model, lorasc)
     opt = adam(model, lr=1e-3)
     handle.bind_optimizer(opt)
@@ -399,11 +406,13 @@ def test_eval_outputs_bit_identical_with_noise_and_after_detach():
     ids = torch.randint(1, 64, (2, 9))
     model.eval()
     with torch.no_grad():
-        with_noise_source = model(input_ids=ids).logits
+        deployed = model(input_ids=ids).logits
     handle.detach()
     with torch.no_grad():
+        for s in handle.slots:  # plain PEFT with the fast expert at weight alpha, no noise
+            s.lora_B.weight.mul_(0.6)
         plain = model(input_ids=ids).logits
-    assert torch.equal(with_noise_source, plain)
+    torch.testing.assert_close(deployed, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_persistent_noise_accumulates_and_only_exports_dense(tmp_path):
@@ -419,7 +428,7 @@ def test_persistent_noise_accumulates_and_only_exports_dense(tmp_path):
     merged = lorasc.merged_model()
     for slot in handle.slots:
         w = slot.base_layer.weight
-        want = w + slow_dense(lorasc, slot) + slot.delta_weight() + lorasc.noise(slot)
+        want = w + slow_dense(lorasc, slot) + lorasc.config.alpha * slot.delta_weight() + lorasc.noise(slot)
         name = slot.name.removeprefix("base_model.model.")
         torch.testing.assert_close(merged.get_submodule(name).weight, want, rtol=1e-5, atol=1e-6)
 
@@ -468,9 +477,9 @@ def test_attach_detach_restores_outputs_exactly():
     model.eval()
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    handle = genlora.attach(model, LoRASC(stage_steps=3, noise_lambda=0.2))
+    handle = genlora.attach(model, LoRASC(alpha=1.0, stage_steps=3, noise_lambda=0.2), optimizer=adam(model))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, before)  # stage 0, eval: nothing added
+        assert torch.equal(model(input_ids=ids).logits, before)  # stage 0, alpha 1, eval: the plain adapter
     model.train()
     handle.begin_step()
     noisy = model(input_ids=ids).logits
@@ -686,7 +695,7 @@ def test_docstring_plain_loop_runs_verbatim(tmp_path):
     assert (tmp_path / "merged" / "config.json").exists()
 
 
-def test_docstring_trainer_usage_runs_verbatim_with_epoch_stages(tmp_path, monkeypatch):
+def test_docstring_trainer_usage_runs_verbatim(tmp_path, monkeypatch):
     from transformers import Trainer, TrainingArguments
 
     model = make_llama_peft()
@@ -709,11 +718,10 @@ def test_docstring_trainer_usage_runs_verbatim_with_epoch_stages(tmp_path, monke
     exec(docstring_block("Trainer"), ns)
     handle, trainer = ns["handle"], ns["trainer"]
     assert handle.steps_per_epoch == 3 and trainer.state.max_steps == 6 and handle.global_step == 6
-    assert boundaries == [(3, 1)]  # one boundary, at the first step of the second epoch
-    for slot in handle.slots:  # the Trainer's (accelerate-wrapped) optimizer restarted the state at step 3
-        assert float(handle.optimizer.state[slot.lora_A.weight]["step"]) == 3
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4
-    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert boundaries == [(2, 1), (4, 2)]  # three stages of equal length over the 6 steps
+    for slot in handle.slots:  # the Trainer's (accelerate-wrapped) optimizer restarted the state at step 4
+        assert float(handle.optimizer.state[slot.lora_A.weight]["step"]) == 2
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 3 * 4
 
 
 def test_fast_expert_trained_under_lora_dropout_merges_as_its_expectation():
@@ -722,7 +730,7 @@ def test_fast_expert_trained_under_lora_dropout_merges_as_its_expectation():
 
     model = make_mlp_peft(r=4)
     lorasc = genlora.LoRASC(stage_steps=1, alpha=1.0, noise_lambda=0.0)
-    handle = genlora.attach(model, lorasc, genlora.LoRADropout(p=0.3))
+    handle = genlora.attach(model, lorasc, genlora.LoRADropout(p=0.3, deploy="merged_expectation"))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     handle.bind_optimizer(opt)
     slot = handle.slots[0]
@@ -742,11 +750,7 @@ def test_failed_begin_step_can_be_retried():
     model = make_mlp_peft(r=4)
     handle = genlora.attach(model, genlora.LoRASC(stage_steps=1, noise_lambda=0.0))
     model.train()
-    handle.begin_step()
-    handle.loss(model(torch.randn(2, 16)).sum()).backward()
-    handle.pre_optimizer_step()
-    handle.post_optimizer_step()
-    with pytest.raises(RuntimeError, match="no optimizer is bound"):
+    with pytest.raises(RuntimeError, match="bind_optimizer"):
         handle.begin_step()
     handle.bind_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     handle.begin_step()  # not "called twice"

@@ -1,9 +1,9 @@
 """genlora: methods that make PEFT LoRA fine-tuning generalize, attached to an ordinary PEFT model."""
 
 from .config import MethodConfig
-from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, attach
+from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, Phase, Requirement, TrainInstance, attach
 from .methods import FlatLoRA, FlatLoRAConfig, LoRADropout, LoRADropoutConfig, LoRASC, LoRASCConfig, RMLoRA, RMLoRAConfig
-from .registry import load_methods, method_from_dict
+from .registry import METHODS, load_methods, method_from_dict, register_method
 from .ensemble import TestTimeEnsemble, test_time_ensemble
 from .checkpoint import load_training_state, save_training_state
 
@@ -35,15 +35,20 @@ __all__ = [
     "LoRADropoutConfig",
     "LoRASC",
     "LoRASCConfig",
+    "METHODS",
     "Method",
     "MethodConfig",
+    "Phase",
     "RMLoRA",
     "RMLoRAConfig",
+    "Requirement",
     "TestTimeEnsemble",
+    "TrainInstance",
     "attach",
     "load_methods",
     "load_training_state",
     "method_from_dict",
+    "register_method",
     "save_training_state",
     "test_time_ensemble",
 ]

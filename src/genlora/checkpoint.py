@@ -1,4 +1,5 @@
-"""One-file training checkpoints for plain loops: adapter, optimizer, LR scheduler and genlora state together.
+"""One-file training checkpoints for plain loops: the genlora training state (adapter, step, methods' state),
+optimizer and LR scheduler together.
 
 Written atomically (temporary file + rename), so a run killed at any instant leaves either the previous checkpoint
 or the new one, never a torn file; loading validates everything before changing anything.
@@ -10,11 +11,10 @@ import os
 from typing import Any
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .core.handle import GenLoRAHandle, write_atomic
 
-_FORMAT = "genlora-training-checkpoint-1"
+_FORMAT = "genlora-training-checkpoint-2"
 
 
 def save_training_state(
@@ -32,8 +32,7 @@ def save_training_state(
         raise ValueError(f"refusing to checkpoint: the adapter holds NaN/inf in {bad[:3]}")
     state = {
         "format": _FORMAT,
-        "adapter": get_peft_model_state_dict(handle.model, adapter_name=handle.adapter_name),
-        "genlora": handle.state_dict(),
+        "genlora": handle.state_dict(),  # the trained adapter, step counter, every method's state
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
         "extra": extra or {},
@@ -59,18 +58,13 @@ def load_training_state(
         raise ValueError(f"{path} is not a readable genlora checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a genlora training checkpoint")
-    if state["genlora"].get("methods") != handle.config_dict()["methods"]:
-        raise ValueError(
-            f"{path} was written by a run with methods {state['genlora'].get('methods')}, "
-            f"but this handle has {handle.config_dict()['methods']}"
-        )
-    expected = set(get_peft_model_state_dict(handle.model, adapter_name=handle.adapter_name))
-    if set(state["adapter"]) != expected:
-        raise ValueError(f"{path} holds an adapter with other layers than this model's")
     if (optimizer is None) != (state["optimizer"] is None):
         raise ValueError(f"{path}: optimizer state {'missing' if optimizer is not None else 'present but unused'}")
-    handle.load_state_dict(state["genlora"])
-    set_peft_model_state_dict(handle.model, state["adapter"], adapter_name=handle.adapter_name)
+    if optimizer is not None:
+        saved_groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if saved_groups != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError(f"{path}: the optimizer state is for other parameter groups ({saved_groups})")
+    handle.load_state_dict(state["genlora"])  # validates methods and adapter layers before changing anything
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None and state["lr_scheduler"] is not None:

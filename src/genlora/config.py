@@ -36,6 +36,17 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     check_range(name, value, low=low, high=high)
 
 
+def check_seed(name: str, value: Any) -> None:
+    """A method seed: None (derived from the global torch seed at attach) or an integer >= 0."""
+    if value is not None:
+        check_int(name, value, low=0)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 @dataclass
 class MethodConfig:
     """Base of every method config. Subclasses are plain dataclasses whose fields carry `help` metadata."""

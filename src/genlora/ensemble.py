@@ -32,6 +32,7 @@ from torch import nn
 from .config import check_choice, check_int
 from .core.handle import GenLoRAHandle
 from .core.method import Method
+from .methods.lora_dropout import LoRADropout
 
 TASKS = ("auto", "classification", "causal_lm")
 IGNORE_INDEX = -100  # transformers' label value for positions without a target
@@ -190,8 +191,6 @@ class TestTimeEnsemble:
 
 
 def _lora_dropout_of(handle) -> Method:
-    from .methods.lora_dropout import LoRADropout  # here, not at the top: methods/__init__ imports this module
-
     if isinstance(handle, LoRADropout):
         method = handle
     elif isinstance(handle, GenLoRAHandle):
@@ -203,6 +202,11 @@ def _lora_dropout_of(handle) -> Method:
         raise TypeError(f"handle must be a GenLoRAHandle or a LoRADropout, got {type(handle).__name__}")
     if method.ctx is None:
         raise RuntimeError("the LoRADropout is not attached: genlora.attach(model, LoRADropout(...)) first")
+    if method.config.deploy != "ensemble":
+        raise ValueError(
+            f"this LoRADropout deploys as {method.config.deploy!r} (the expectation over masks, merged into the "
+            "adapter): its model is the plain eval-mode forward; the test-time ensemble needs deploy='ensemble'"
+        )
     return method
 
 

@@ -1,4 +1,5 @@
-"""Method names -> classes, to rebuild methods from saved `genlora_config.json` files and YAML configs."""
+"""Method names -> classes. Each method registers itself (`@register_method`, as PEFT's `register_peft_method`), so
+configs (YAML, `genlora_config.json`) can name it and the contract tests (tests/test_contract.py) run over it."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ from typing import Any
 
 from .core.handle import GENLORA_CONFIG_NAME
 from .core.method import Method
-from .methods import FlatLoRA, RMLoRA
-from .methods import LoRADropout
-from .methods import LoRASC
 
-METHODS: dict[str, type[Method]] = {cls.config_class.method_name: cls for cls in (FlatLoRA, RMLoRA)}
-METHODS[LoRADropout.config_class.method_name] = LoRADropout
-METHODS[LoRASC.config_class.method_name] = LoRASC
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` known by its config's `method_name`."""
+    name = cls.config_class.method_name
+    if not name:
+        raise ValueError(f"{cls.__name__}.config_class must set method_name")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {METHODS[name].__name__}")
+    if not isinstance(getattr(cls, "phase", None), int):
+        raise TypeError(f"{cls.__name__} must declare its phase (genlora.core.method.Phase)")
+    METHODS[name] = cls
+    return cls
 
 
 def method_from_dict(data: dict[str, Any]) -> Method:
@@ -28,7 +37,7 @@ def method_from_dict(data: dict[str, Any]) -> Method:
 
 
 def load_methods(path: str | os.PathLike) -> list[Method]:
-    """Fresh method objects from a `genlora_config.json` (or the folder holding one)."""
+    """Fresh method objects from a `genlora_config.json` (or the folder holding one); seeds as recorded there."""
     if os.path.isdir(path):
         path = os.path.join(path, GENLORA_CONFIG_NAME)
     with open(path) as f:

@@ -1,6 +1,5 @@
-"""Exports for methods whose trained update is more than one rank-r LoRA term (LoRASC's slow experts).
-
-Two forms, both readable without genlora:
+"""Writing the deployed model when it is more than one rank-r LoRA term per layer (LoRASC's slow experts, LoRA
+Dropout's expectation): two forms, both readable without genlora.
 
 * `save_factor_adapter`: a standard PEFT adapter (adapter_config.json + adapter_model.safetensors) whose LoRA layer
   computes sum_j U_j V_j. The terms are concatenated to one LoRA of rank R = sum_j k_j,
@@ -8,15 +7,18 @@ Two forms, both readable without genlora:
       B_cat = [U_1 ... U_J]  (n_out, R),   A_cat = [V_1; ...; V_J]  (R, n_in),   B_cat A_cat = sum_j U_j V_j,
 
   and the config gets r = lora_alpha = R (scaling 1, since U_j already carries each term's scaling). This is what
-  PEFT itself does when it converts PiSSA/OLoRA adapters back to plain LoRA (`[A | A0]`, `[B | -B0]`, rank 2r).
-* `merged_dense_copy`: a deep copy of the base model with W + sum_j U_j V_j (+ an optional dense term) merged
-  into the weights and the LoRA layers removed, for `save_pretrained` as an ordinary transformers model.
+  PEFT itself does when it converts PiSSA/OLoRA adapters back to plain LoRA (`[A | A0]`, `[B | -B0]`, rank 2r). The
+  layer kind (core/layers.py) turns B_cat, A_cat into the layer's PEFT shapes (conv kernels, embedding factors).
+* `merged_dense_copy`: a deep copy of the base model with W + sum_j U_j V_j (+ an optional dense term) merged into
+  the weights and the LoRA layers removed, for `save_pretrained` as an ordinary transformers model. A quantized
+  (bitsandbytes) base layer is dequantized and replaced by a float nn.Linear holding the merged weight.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
@@ -37,7 +39,8 @@ def _require_peft_model(model: nn.Module, what: str):
 
 def concat_factors(slot: LoraSlot, terms: Factors) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_cat (n_out, R), A_cat (R, n_in)) in fp32 with B_cat A_cat = sum_j U_j V_j; checks every term's shape."""
-    n_out, n_in = slot.lora_B.weight.shape[0], slot.lora_A.weight.shape[1]
+    b, a = slot.factor_views()
+    n_out, n_in = b.shape[0], a.shape[1]
     if not terms:
         raise ValueError(f"no low-rank terms to export for LoRA layer {slot.name!r}")
     for u, v in terms:
@@ -64,6 +67,8 @@ def save_factor_adapter(
     slots: Sequence[LoraSlot],
     factors_by_slot_name: dict[str, Factors],
     directory: str | os.PathLike,
+    save: Callable[..., Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> None:
     """Write `adapter_name` as a plain PEFT LoRA adapter whose layer `slot` computes sum_j U_j V_j.
@@ -74,34 +79,32 @@ def save_factor_adapter(
         slots: every LoRA layer of the adapter.
         factors_by_slot_name: slot.name -> [(U (n_out, k), V (k, n_in)), ...], U including any scaling.
         directory: output folder.
-        kwargs: passed to `PeftModel.save_pretrained` (e.g. `safe_serialization`, `is_main_process`).
+        save: PEFT's own `save_pretrained` of `model` (unpatched).
+        state_dict: the model's full state dict to start from (the Trainer passes a gathered one under sharding);
+            default `model.state_dict()`.
+        kwargs: passed to `save` (e.g. `safe_serialization`, `is_main_process`, `selected_adapters`).
 
-    The file is produced by PEFT's own `save_pretrained`, fed a state dict whose lora_A/lora_B entries for the slots
-    are replaced by A_cat/B_cat, and a copy of the adapter's config with r = lora_alpha = R (rank_pattern /
+    The file is produced by PEFT's own `save_pretrained`, fed a state dict whose LoRA entries for the slots are
+    replaced by the concatenated factors, and a copy of the adapter's config with r = lora_alpha = R (rank_pattern /
     alpha_pattern for layers whose R differs from the most common one), use_rslora = False and
-    init_lora_weights = True. So key names, metadata, modules_to_save and embedding handling are exactly PEFT's,
-    and `PeftModel.from_pretrained` loads it with no genlora import. The live model and its config are unchanged
-    (the config is swapped in only for the duration of the call).
+    init_lora_weights = True. So key names, metadata, modules_to_save and other adapters are exactly PEFT's, and
+    `PeftModel.from_pretrained` loads it with no genlora import. The live model and its config are unchanged (the
+    config is swapped in only for the duration of the call).
     """
     _require_peft_model(model, "save_factor_adapter")
-    for key in ("state_dict", "path_initial_model_for_weight_conversion"):
-        if key in kwargs:
-            raise TypeError(f"save_factor_adapter builds the adapter's weights itself; {key}= is not supported")
     config = model.peft_config[adapter_name]
     if getattr(config, "use_dora", False):
         raise ValueError("a DoRA adapter cannot be exported as a concatenation of low-rank terms")
     keys = _module_keys(model, slots)
-    state = model.state_dict()  # references, no copies; only the slots' lora entries are replaced below
+    state = dict(model.state_dict() if state_dict is None else state_dict)  # references; slot entries replaced
     ranks: dict[str, int] = {}
     for slot in slots:
         b_cat, a_cat = concat_factors(slot, factors_by_slot_name[slot.name])
-        key_a = f"{slot.name}.lora_A.{adapter_name}.weight"
-        key_b = f"{slot.name}.lora_B.{adapter_name}.weight"
-        if key_a not in state or key_b not in state:
-            raise RuntimeError(f"state dict of the model has no {key_a!r}; attach genlora to the PeftModel itself")
-        # Keep the dtype PEFT would have written for this adapter.
-        state[key_a] = a_cat.to(state[key_a].dtype).contiguous()
-        state[key_b] = b_cat.to(state[key_b].dtype).contiguous()
+        for suffix, value in slot.kind.peft_state(slot, b_cat, a_cat).items():
+            key = f"{slot.name}.{suffix}"
+            if key not in state:
+                raise RuntimeError(f"state dict of the model has no {key!r}; attach genlora to the PeftModel itself")
+            state[key] = value.to(state[key].dtype).contiguous()  # the dtype PEFT would have written
         ranks[keys[slot.name]] = a_cat.shape[0]
 
     export_config = copy.deepcopy(config)
@@ -118,9 +121,13 @@ def save_factor_adapter(
     configs = model.peft_config
     configs[adapter_name] = export_config
     try:
-        model.save_pretrained(directory, state_dict=state, **kwargs)
+        save(directory, state_dict=state, **kwargs)
     finally:
         configs[adapter_name] = config
+
+
+def is_genlora_patch(fn: object) -> bool:
+    return getattr(fn, "__genlora_patch__", False)
 
 
 @torch.no_grad()
@@ -147,19 +154,42 @@ def merged_dense_copy(
     _require_peft_model(model, "merged_dense_copy")
     memo = {id(obj): obj for obj in share}
     clone = copy.deepcopy(model, memo)
-    # deepcopy cannot rebind plain functions, so an instance-level `forward` that is the very same object in the copy
-    # is a closure over the live module (the perturber's patch); in the copy it would read the live weights.
-    for live, copied in zip(model.modules(), clone.modules()):
-        patched = copied.__dict__.get("forward")
-        if patched is not None and patched is live.__dict__.get("forward"):
-            del copied.forward
+    # deepcopy cannot rebind plain functions: genlora's instance-level patches (forwards, save paths) in the copy
+    # would still be closures over the live model. Remove them; the copy is a plain model.
+    for copied in clone.modules():
+        for attr, value in list(copied.__dict__.items()):
+            if is_genlora_patch(value):
+                del copied.__dict__[attr]
+    quantized = []
     for slot in slots:
-        base = clone.get_submodule(slot.name).get_base_layer()
-        weight = base.weight  # (n_out, n_in)
+        layer = clone.get_submodule(slot.name)
+        base = layer.get_base_layer()
+        dense = slot.kind.dense_weight(base)  # storage layout; dequantized for bitsandbytes
         b_cat, a_cat = concat_factors(slot, factors_by_slot_name[slot.name])
-        delta = b_cat.to(weight.device) @ a_cat.to(weight.device)  # (n_out, n_in) fp32
+        delta = (b_cat.to(dense.device) @ a_cat.to(dense.device))  # (n_out, n_in) fp32
         extra = dense_extra(slot) if dense_extra is not None else None
         if extra is not None:
-            delta += extra.to(device=weight.device, dtype=torch.float32)
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+            delta += slot.kind.as_linear(extra.to(device=dense.device, dtype=torch.float32))
+        merged = (dense.float() + slot.kind.from_linear(delta, dense)).to(dense.dtype)
+        if slot.kind.quantized:
+            quantized.append(slot.name)
+            layer.base_layer = _float_linear(base, merged)
+        else:
+            base.weight.copy_(merged)
+    if quantized:
+        warnings.warn(
+            f"merged_model: {len(quantized)} quantized base layers (e.g. {quantized[0]!r}) were dequantized and "
+            "hold the merged weights in float (re-quantize the saved model if you need it quantized)",
+            stacklevel=3,
+        )
     return clone.unload()  # PEFT: LoRA layers -> their base layers, modules_to_save -> the trained copies
+
+
+def _float_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    out.weight.copy_(weight)
+    if base.bias is not None:
+        out.bias.copy_(base.bias.to(weight.dtype))
+    out.requires_grad_(False)
+    return out

@@ -1,28 +1,37 @@
 """`attach(model, *methods)`: the one call that puts genlora methods on a PEFT LoRA model, and the handle that
-drives them step by step (from a plain loop or from the Trainer callback) and takes them off again."""
+drives them step by step (from a plain loop or from the Trainer callback) and takes them off again.
+
+The handle owns the step protocol (begin_step -> forwards/backwards -> clipping -> optimizer_step), the loop facts
+the methods declared they need (`LoopInfo`), and one rule: **the deployed model is the model**. Every way a user
+saves or evaluates (handle.save_pretrained, model.save_pretrained, Trainer.save_model and checkpoints, eval-mode
+forwards, merged_model) gives the model the attached methods define (docs/methods.md, "The deployed model").
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
-import weakref
-from enum import Enum
 import warnings
-from typing import Any, Callable
+import weakref
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..config import check_choice, check_int
 from .lora_layers import LoraSlot, find_lora_slots, resolve_adapter
-from .method import AttachContext, Method
-from .perturbed_linear import BaseWeightPerturber
+from .method import AttachContext, Factors, Method, Requirement
+from .perturbed_linear import BaseWeightPerturber, NoiseTarget
+from .seeding import derive_seed
 
 GENLORA_CONFIG_NAME = "genlora_config.json"
 GENLORA_STATE_NAME = "genlora_state.pt"
 NONFINITE_POLICIES = ("skip", "raise", "off")
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2
 
 # LoRA layers that carry attached methods; a layer can belong to one handle at a time.
 _ATTACHED_LAYERS: weakref.WeakSet = weakref.WeakSet()
@@ -34,11 +43,23 @@ class _Phase(Enum):
     OPTIMIZER = "between pre_optimizer_step and post_optimizer_step"
 
 
+@dataclass
+class LoopInfo:
+    """Facts about the training loop that methods declared they need (`Method.requirements`)."""
+
+    total_steps: int | None = None  # optimizer steps of the whole run
+    steps_per_epoch: int | None = None  # optimizer steps per epoch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (set by the Trainer callback)
+    optimizer: torch.optim.Optimizer | None = None
+
+
 def attach(
     model: nn.Module,
     *methods: Method,
     adapter_name: str | None = None,
     total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     on_nonfinite: str = "skip",
     guard_base: bool = False,
 ) -> GenLoRAHandle:
@@ -48,15 +69,21 @@ def attach(
         model: a `peft.PeftModel`, or any module containing PEFT `LoraLayer`s.
         methods: method objects, e.g. `FlatLoRA(sigma=0.05)`, `RMLoRA(k=4, reg_lambda=0.1)`.
         adapter_name: the LoRA adapter to act on; default: the model's single active adapter.
-        total_steps: number of optimizer steps of the run (needed by ramped schedules); the Trainer callback sets
-            it from `TrainingArguments` when left out.
+        total_steps: optimizer steps of the run (ramped schedules, LoRASC's stages); the Trainer callback sets it
+            from `TrainingArguments` when left out.
+        steps_per_epoch: optimizer steps per epoch (LoRASC with `stage_per_epoch=True`); the callback sets it.
+        optimizer: the optimizer that trains the adapter (LoRASC resets its state at stage boundaries); also
+            `handle.bind_optimizer(optimizer)`; the callback binds the Trainer's.
         on_nonfinite: what `pre_optimizer_step` does when a trainable gradient holds NaN/inf: "skip" the update
             (gradients are set to None, so the optimizer leaves those parameters alone; compatible with fp16 loss
             scaling, whose overflow steps look the same), "raise" a `FloatingPointError`, or "off" (no check).
         guard_base: take an exact checksum of every frozen weight now; `verify_base()` (also run by the Trainer
             callback at the end of training) raises if any of them changed.
 
-    Everything is validated before anything is changed: on error the model is untouched.
+    Methods whose `seed` is None draw it from `torch.initial_seed()` now (so `torch.manual_seed` /
+    `transformers.set_seed` before attach changes every random stream), recorded in the saved config; under
+    torch.distributed all ranks use rank 0's. Everything is validated before anything is changed: on error the
+    model is untouched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module carrying PEFT LoRA layers, got {type(model).__name__}")
@@ -70,8 +97,11 @@ def attach(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"each method may be attached once, got {names}")
-    if total_steps is not None:
-        check_int("total_steps", total_steps, low=1)
+    for key, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if value is not None:
+            check_int(key, value, low=1)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
     if not isinstance(guard_base, bool):
         raise TypeError(f"guard_base must be a bool, got {guard_base!r}")
@@ -83,12 +113,39 @@ def attach(
     if busy:
         raise ValueError(f"genlora methods are already attached to layers {busy[:3]}...; detach that handle first")
     for m in methods:
-        m.validate(model, slots)
-    handle = GenLoRAHandle(model, sorted(methods, key=lambda m: m.order), slots, adapter, total_steps)
+        m.validate(model, slots, [o for o in methods if o is not m])
+    loop = LoopInfo(total_steps=total_steps, steps_per_epoch=steps_per_epoch, optimizer=optimizer)
+    handle = GenLoRAHandle(model, sorted(methods, key=lambda m: m.phase), slots, adapter, loop)
     handle.on_nonfinite = on_nonfinite
     if guard_base:
         handle.base_checksums = base_checksums(model)
     return handle
+
+
+class TrainInstance:
+    """Pass `index` (0-based) of `n` over the same batch, yielded by `handle.train_instances()` (LoRA Dropout's
+    n_train dropout instances: paper Eq. 4 averages the loss over them).
+
+    Its loss must go through `backward(loss)` (= `(loss / n).backward()`) or, for your own backward (AMP scaler,
+    accelerate), through `scale(loss)` (= `loss / n`): an instance whose loss went through neither raises.
+    """
+
+    __slots__ = ("index", "n", "used")
+
+    def __init__(self, index: int, n: int):
+        self.index, self.n, self.used = index, n, False
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss / n`: this pass's share of the loss averaged over the n passes."""
+        self.used = True
+        return loss / self.n
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """`(loss / n).backward(**kwargs)`."""
+        self.scale(loss).backward(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"TrainInstance({self.index} of {self.n})"
 
 
 class GenLoRAHandle:
@@ -103,45 +160,97 @@ class GenLoRAHandle:
         handle.optimizer_step(optimizer)    # masks (RM-LoRA), optimizer.step(), bookkeeping
         optimizer.zero_grad()
 
+    With a method that averages several passes per batch (LoRA Dropout's n_train > 1), run the forward/backward
+    inside `for inst in handle.train_instances(): inst.backward(model(**batch).loss)`.
+
     A missed call raises instead of silently skipping a method: a training-mode forward outside a step, a second
     `begin_step` without an optimizer step, or a step in which a regularizer never reached the loss.
     """
 
-    def __init__(self, model, methods, slots, adapter_name, total_steps):
+    def __init__(self, model, methods, slots, adapter_name, loop: LoopInfo):
         self.model = model
         self.methods: list[Method] = list(methods)
         self.slots: list[LoraSlot] = slots
         self.adapter_name: str = adapter_name
-        self.total_steps: int | None = total_steps
+        self.loop = loop
         self.global_step = 0  # completed optimizer steps
-        # Set by the Trainer callback: when the model normalizes its loss by `num_items_in_batch` (transformers'
-        # gradient-accumulation fix), each micro-step's loss is a share of the step's loss, so a per-forward
-        # regularizer is weighted 1/grad_accum_steps to add up to one regularizer per step.
-        self.grad_accum_steps = 1
+        self.forward_index = -1  # training-mode forwards of the whole model since begin_step (keys per-forward draws)
+        self.instance: int | None = None  # index inside train_instances(), None outside
         self.on_nonfinite = "skip"
         self.skipped_steps: list[int] = []  # steps whose update was skipped for non-finite gradients
         self.base_checksums: dict[str, tuple[int, int]] | None = None
-        self.optimizer: torch.optim.Optimizer | None = None  # needed by methods that reset optimizer state (LoRASC)
-        # Optimizer steps per epoch: LoRASC's default stage length. Set it by hand in a plain loop (or pass it to the
-        # method); GenLoRACallback sets it from the Trainer's train dataloader.
-        self.steps_per_epoch: int | None = None
-        # Training-mode forwards of the whole model since begin_step: keys per-forward random draws (dropout
-        # masks), so gradient checkpointing, which re-runs layers but not the model, sees the same draws.
-        self.forward_index = -1
         self._phase = _Phase.IDLE
         self._reg_in_outputs = 0
         self._reg_by_hand = 0
-        self.perturber = BaseWeightPerturber(slots, guard=self._require_step)
+        self._requirements_checked = False
+        self._loss_normalized_by_items: bool | None = None  # num_items_in_batch probe result (see _regularizer_share)
+        self._seeds_synced = False
+        self._resolve_seeds()
+        targets = [NoiseTarget(s.index, s.name, s.base_layer, s.kind, s) for s in slots if s.kind is not None]
+        self.perturber = BaseWeightPerturber(targets, guard=self._require_step)
         ctx = AttachContext(model=model, slots=slots, perturber=self.perturber, handle=self)
         for m in self.methods:
             m.on_attach(ctx)
+            if m.perturbs_base():
+                self.perturber.add_targets(m.noise_targets())
+                self.perturber.add_source(m)
         self._hooks = [
             model.register_forward_pre_hook(self._pre_forward_hook),
             model.register_forward_hook(self._forward_hook, with_kwargs=True),
         ]
+        self._delta_hooks_on = any(m.adds_delta_terms() for m in self.methods)
+        if self._delta_hooks_on:
+            for s in slots:
+                self._hooks.append(s.layer.register_forward_hook(self._make_delta_hook(s), with_kwargs=True))
+        self._patched: dict[str, object] = {}
+        self._patch_peft_methods()
         for s in slots:
             _ATTACHED_LAYERS.add(s.layer)
         self._attached = True
+
+    # --- loop facts (compatibility accessors for LoopInfo) -----------------------------------------------------
+    @property
+    def total_steps(self) -> int | None:
+        return self.loop.total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self.configure(total_steps=value)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        return self.loop.steps_per_epoch
+
+    @steps_per_epoch.setter
+    def steps_per_epoch(self, value: int | None) -> None:
+        self.configure(steps_per_epoch=value)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.loop.grad_accum_steps
+
+    @grad_accum_steps.setter
+    def grad_accum_steps(self, value: int) -> None:
+        self.configure(grad_accum_steps=value)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.loop.optimizer
+
+    def configure(self, *, total_steps: int | None = None, steps_per_epoch: int | None = None,
+                  grad_accum_steps: int | None = None) -> None:
+        """Set loop facts (those given; None leaves a fact as it is)."""
+        for key, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch),
+                           ("grad_accum_steps", grad_accum_steps)):
+            if value is not None:
+                check_int(key, value, low=1)
+                setattr(self.loop, key, value)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Tell the handle which optimizer trains the adapter (LoRASC resets its state at stage boundaries)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.loop.optimizer = optimizer
 
     # --- queries -----------------------------------------------------------------------------------------------
     def method(self, name: str) -> Method:
@@ -150,23 +259,35 @@ class GenLoRAHandle:
                 return m
         raise KeyError(f"no attached method {name!r}; attached: {[m.name for m in self.methods]}")
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Tell the handle which optimizer trains the adapter (LoRASC resets its state at stage boundaries)."""
-        self.optimizer = optimizer
-
     @property
     def in_step(self) -> bool:
         return self._phase is not _Phase.IDLE
 
-    def delta_factors(self, slot: LoraSlot) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Low-rank terms (U (n_out, k), V (k, n_in)) whose products the layer adds to its base weight now:
-        the trained adapter's (s*B, A), plus any frozen factors a method keeps (LoRASC's slow experts)."""
-        terms = [(slot.scaling * slot.lora_B.weight, slot.lora_A.weight)]
+    def live_factors(self, slot: LoraSlot) -> Factors:
+        """Low-rank terms (U (n_out, k), V (k, n_in)) the layer adds to its base weight in training now: the frozen
+        terms methods keep (LoRASC's slow experts), then the trained adapter's (s*B, A)."""
+        terms: Factors = []
         for m in self.methods:
-            extra = getattr(m, "extra_delta_factors", None)
-            if extra is not None:
-                terms.extend(extra(slot))
+            terms.extend(m.frozen_delta_factors(slot))
+        terms.append(slot.trained_factors())
         return terms
+
+    def delta_factors(self, slot: LoraSlot) -> Factors:
+        """Alias of `live_factors` (the trained term last)."""
+        return self.live_factors(slot)
+
+    def deployed_factors(self, slot: LoraSlot) -> Factors:
+        """Low-rank terms of the deployed model of `slot` (what every save path writes and eval forwards compute)."""
+        return self._deployed(slot)[0]
+
+    def _deployed(self, slot: LoraSlot) -> tuple[Factors, bool, tuple[torch.Tensor, torch.Tensor]]:
+        """(deployed terms, whether they differ from the trained adapter's one term, that term)."""
+        raw = slot.trained_factors()
+        plain: Factors = [raw]
+        terms = plain
+        for m in self.methods:
+            terms = m.deploy_factors(slot, terms)
+        return terms, terms is not plain, raw
 
     # --- step protocol -----------------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -179,9 +300,13 @@ class GenLoRAHandle:
             )
         if self._phase is _Phase.OPTIMIZER:
             raise RuntimeError(f"post_optimizer_step() was not called after step {self.global_step}'s optimizer step")
+        self._check_requirements()
+        self._check_active_adapter()
+        self._sync_seeds()
         self._phase = _Phase.FORWARD
         self._reg_in_outputs = self._reg_by_hand = 0
         self.forward_index = -1
+        self.instance = None
         try:
             for m in self.methods:
                 m.begin_step(self.global_step)
@@ -189,21 +314,58 @@ class GenLoRAHandle:
             self._phase = _Phase.IDLE  # the step never started: a corrected retry must not see "called twice"
             raise
 
+    def passes_per_batch(self) -> int:
+        return max(m.passes_per_batch() for m in self.methods)
+
+    def train_instances(self) -> Iterator[TrainInstance]:
+        """Yield the passes over the current batch whose losses are averaged (LoRA Dropout's n_train; one pass
+        otherwise). Each pass must run a training-mode forward and put its loss through `inst.backward(loss)` or
+        `inst.scale(loss)`."""
+        self._check_attached()
+        if not self.in_step:
+            raise RuntimeError("train_instances() runs inside a step: call handle.begin_step() first")
+        n = self.passes_per_batch()
+        try:
+            for k in range(n):
+                inst = TrainInstance(k, n)
+                self.instance = k
+                start = self.forward_index
+                yield inst
+                if self.forward_index == start:
+                    raise RuntimeError(
+                        f"pass {k} ran no training-mode forward of the attached model (model.train()?), so none of "
+                        "the methods acted on it"
+                    )
+                if not inst.used:
+                    raise RuntimeError(
+                        f"the loss of pass {k} went through neither inst.backward(loss) nor inst.scale(loss); each of "
+                        f"the {n} passes must contribute loss / {n}"
+                    )
+        finally:
+            self.instance = None
+
     def regularizer(self) -> torch.Tensor | None:
-        """Sum of the attached methods' loss terms (e.g. RM-LoRA's lambda * R(A, B)); None if there are none."""
-        terms = [t for t in (m.regularizer() for m in self.methods) if t is not None]
+        """Sum of the attached methods' objective terms (e.g. RM-LoRA's lambda * R(A, B)); None if there are none."""
+        terms = [t for t in (m.regularizer() for m in self.methods if m.adds_loss_term()) if t is not None]
         if not terms:
             return None
         return terms[0] if len(terms) == 1 else torch.stack([t.float() for t in terms]).sum()
 
-    def loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """`loss` plus the regularizers: use this when you compute the loss yourself instead of the model."""
+    def loss(self, loss: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+        """`loss` plus the regularizers (times `share`: this loss's part of the step's objective, e.g. 1/n for one of
+        n accumulated micro-batch losses that are each divided by n): use this when you compute the loss yourself
+        instead of the model."""
         self._require_step()
         reg = self.regularizer()
         if reg is None:
             return loss
         self._reg_by_hand += 1
-        return loss + reg.to(loss.dtype)
+        return loss + (reg * share).to(loss.dtype)
+
+    @property
+    def regularizer_count(self) -> int:
+        """How often the step's regularizer reached a loss so far in this step (model outputs and handle.loss)."""
+        return self._reg_in_outputs + self._reg_by_hand
 
     def pre_optimizer_step(self) -> None:
         """After backward and gradient clipping, right before `optimizer.step()`."""
@@ -248,6 +410,12 @@ class GenLoRAHandle:
         self.global_step += 1
         self._phase = _Phase.IDLE
 
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """`pre_optimizer_step()`, `optimizer.step()`, `post_optimizer_step()` in one call."""
+        self.pre_optimizer_step()
+        optimizer.step()
+        self.post_optimizer_step()
+
     def _gradients_finite(self) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
         if not grads:
@@ -255,11 +423,59 @@ class GenLoRAHandle:
         # One fused reduction and a single host sync per step.
         return bool(torch.stack([n.float() for n in torch._foreach_norm(grads)]).isfinite().all())
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """`pre_optimizer_step()`, `optimizer.step()`, `post_optimizer_step()` in one call."""
-        self.pre_optimizer_step()
-        optimizer.step()
-        self.post_optimizer_step()
+    def _check_requirements(self) -> None:
+        if self._requirements_checked:
+            return
+        facts = {Requirement.OPTIMIZER: self.loop.optimizer, Requirement.TOTAL_STEPS: self.loop.total_steps,
+                 Requirement.STEPS_PER_EPOCH: self.loop.steps_per_epoch}
+        hints = {
+            Requirement.OPTIMIZER: "handle.bind_optimizer(optimizer) (GenLoRACallback binds the Trainer's)",
+            Requirement.TOTAL_STEPS: "genlora.attach(..., total_steps=N) or handle.configure(total_steps=N) "
+                                     "(GenLoRACallback sets it from the Trainer's max_steps)",
+            Requirement.STEPS_PER_EPOCH: "genlora.attach(..., steps_per_epoch=N) or handle.configure("
+                                         "steps_per_epoch=N) (GenLoRACallback sets it from the train dataloader)",
+        }
+        for m in self.methods:
+            for req in sorted(m.requirements(), key=lambda r: r.value):
+                if facts[req] is None:
+                    raise RuntimeError(f"{m!r} needs the {req.value} of the training loop: {hints[req]}")
+        self._requirements_checked = True
+
+    def _check_active_adapter(self) -> None:
+        active = self.slots[0].layer.active_adapters
+        if self.adapter_name not in active:
+            raise RuntimeError(
+                f"genlora is attached to adapter {self.adapter_name!r}, but the active adapter is now {active}: "
+                "switching adapters in the middle of a run would put its methods on another adapter's training; "
+                "set_adapter back, or detach this handle and attach to the other adapter"
+            )
+
+    # --- seeds -------------------------------------------------------------------------------------------------
+    def _resolve_seeds(self) -> None:
+        """Every method's seed: its config's, else one derived from the global torch seed (so a new
+        `torch.manual_seed` gives new noise, masks and re-inits)."""
+        base = torch.initial_seed()
+        for m in self.methods:
+            m.seed = m.config.seed if m.config.seed is not None else derive_seed(base, f"genlora.{m.name}")
+
+    def _sync_seeds(self) -> None:
+        """Under torch.distributed, derived seeds come from rank 0: the methods' draws must agree on every rank
+        (RM-LoRA's masks after the gradient all-reduce, LoRASC's re-inits, shared Flat-LoRA noise)."""
+        if self._seeds_synced:
+            return
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            self._seeds_synced = True
+            return
+        derived = [m for m in self.methods if m.config.seed is None]
+        if derived:
+            backend = dist.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            seeds = torch.tensor([m.seed for m in derived], dtype=torch.int64, device=device)
+            dist.broadcast(seeds, src=0)
+            for m, s in zip(derived, seeds.tolist()):
+                m.seed = int(s)
+        self._seeds_synced = True
 
     # --- hooks -------------------------------------------------------------------------------------------------
     def _require_step(self) -> None:
@@ -270,25 +486,179 @@ class GenLoRAHandle:
             )
 
     def _has_regularizer(self) -> bool:
-        return any(getattr(m, "has_regularizer", False) for m in self.methods)
+        return any(m.adds_loss_term() for m in self.methods)
 
     def _pre_forward_hook(self, module, args):
-        if module.training:
+        if module.training and not self._probing:
             self._require_step()
             self.forward_index += 1
 
+    _probing = False
+
     def _forward_hook(self, module, args, kwargs, output):
-        if not module.training or not self._has_regularizer():
+        if not module.training or self._probing or not self._has_regularizer():
             return output
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is None:
             return output
         reg = self.regularizer()
-        if "num_items_in_batch" in kwargs and self.grad_accum_steps > 1:
-            reg = reg / self.grad_accum_steps
-        output["loss"] = loss + reg.to(loss.dtype)
+        if reg is None:
+            return output
+        output["loss"] = loss + (reg * self._regularizer_share(module, args, kwargs)).to(loss.dtype)
         self._reg_in_outputs += 1
         return output
+
+    def _regularizer_share(self, module, args, kwargs) -> float:
+        """Weight of the step's regularizer in one micro-step's model loss, so that it enters every optimizer step's
+        gradient exactly like the task loss does (issue: RM-LoRA's lambda must not depend on the model's loss code).
+
+        Plain loops and the Trainer with a model whose loss is a per-micro-batch mean: weight 1 (the Trainer, or
+        the user, divides each micro-step's loss by the accumulation steps, or the objective is the sum of the
+        micro-batch means; either way the regularizer stays at lambda relative to the task loss). When the Trainer
+        passes `num_items_in_batch` (it then does not divide), a model that normalizes its loss by it makes each
+        micro-step loss a share of the step's mean: weight 1/accumulation steps. Whether the model honours
+        `num_items_in_batch` (causal LMs do, BERT's classifier ignores it) is measured once, by two no-grad
+        eval-mode forwards of the batch with different counts."""
+        accum = self.loop.grad_accum_steps
+        if "num_items_in_batch" not in kwargs or accum <= 1:
+            return 1.0
+        if self._loss_normalized_by_items is None:
+            self._loss_normalized_by_items = self._probe_items_normalization(module, args, kwargs)
+        return 1.0 / accum if self._loss_normalized_by_items else 1.0
+
+    @torch.no_grad()
+    def _probe_items_normalization(self, module, args, kwargs) -> bool:
+        n = kwargs["num_items_in_batch"]
+        modes = {m: m.training for m in module.modules()}
+        self._probing = True
+        try:
+            module.eval()
+            first = module(*args, **{**kwargs, "num_items_in_batch": n})
+            second = module(*args, **{**kwargs, "num_items_in_batch": n * 2})
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+            self._probing = False
+        l1 = first.get("loss") if isinstance(first, dict) else getattr(first, "loss", None)
+        l2 = second.get("loss") if isinstance(second, dict) else getattr(second, "loss", None)
+        if l1 is None or l2 is None:
+            return True  # cannot tell: the Trainer's own assumption (it passed the count, so it expects normalization)
+        return not torch.allclose(l1.float(), l2.float(), rtol=1e-4, atol=0.0)
+
+    # --- the deployed model in eval-mode forwards, the slow terms in training forwards ---------------------------
+    def _extra_terms(self, slot: LoraSlot, training: bool) -> Factors:
+        """Terms a forward adds to PEFT's own W x + s*B*A x: in training the frozen terms (the live model); in eval the
+        deployed model minus PEFT's term (an empty list when the deployed model is the live adapter)."""
+        if training:
+            terms: Factors = []
+            for m in self.methods:
+                terms.extend(m.frozen_delta_factors(slot))
+            return terms
+        deployed, changed, (raw_u, raw_v) = self._deployed(slot)
+        if not changed:
+            return []
+        *rest, (last_u, last_v) = deployed
+        if last_v is raw_v:  # methods keep the trained term last and rescale only its U: one correction term
+            return [*rest, (last_u - raw_u, raw_v)]
+        return [*deployed, (-raw_u, raw_v)]
+
+    def _make_delta_hook(self, slot: LoraSlot):
+        layer = slot.layer
+
+        def add_terms(module, args, kwargs, output):
+            if layer.merged or not slot.active:
+                return output
+            terms = self._extra_terms(slot, module.training)
+            if not terms:
+                return output
+            if kwargs.get("adapter_names") is not None:
+                raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported by genlora's "
+                                          "LoRASC / expectation-deployed adapters")
+            x = args[0] if args else kwargs["x"]
+            u = torch.cat([t[0] for t in terms], dim=1)  # (n_out, K)
+            v = torch.cat([t[1] for t in terms], dim=0)  # (K, n_in)
+            dtype = slot.a_weight.dtype  # compute like PEFT's own LoRA term: in the adapter's dtype
+            if not x.is_floating_point():  # embedding ids
+                delta = slot.kind.apply_lowrank(slot, x, u.to(dtype), v.to(dtype))
+            else:
+                delta = slot.kind.apply_lowrank(slot, x.to(dtype), u.to(dtype), v.to(dtype))
+            return (output + delta).to(output.dtype)  # added in the wider dtype, rounded once, as PEFT does
+
+        return add_terms
+
+    # --- PEFT's save/load/merge paths follow the deployed model ---------------------------------------------------
+    def _patch_peft_methods(self) -> None:
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return
+        model = self.model
+        originals = {name: getattr(model, name) for name in ("save_pretrained", "load_adapter", "merge_and_unload",
+                                                            "merge_adapter")}
+        self._originals = originals
+
+        def save_pretrained(save_directory, *args, **kwargs):
+            if args:  # name PEFT's positional options, so the deployed export can pass them on as keywords
+                bound = inspect.signature(originals["save_pretrained"]).bind(save_directory, *args, **kwargs)
+                kwargs = {k: v for k, v in bound.arguments.items() if k not in ("save_directory", "kwargs")}
+                kwargs.update(bound.arguments.get("kwargs", {}))
+            return self.save_pretrained(save_directory, **kwargs)
+
+        def load_adapter(model_id, adapter_name, *args, **kwargs):
+            return self._load_adapter(originals["load_adapter"], model_id, adapter_name, *args, **kwargs)
+
+        def refuse_merge(name):
+            def merge(*args, **kwargs):
+                if self.transforms_model():
+                    raise RuntimeError(
+                        f"{name}() would merge only the trained adapter, not the model genlora's methods define "
+                        f"({[m.name for m in self.methods]}): use handle.merged_model() for a dense copy of the "
+                        "deployed model (handle.save_merged(dir) to write it), or handle.save_pretrained(dir)"
+                    )
+                return originals[name](*args, **kwargs)
+
+            return merge
+
+        patches = {"save_pretrained": save_pretrained, "load_adapter": load_adapter,
+                   "merge_and_unload": refuse_merge("merge_and_unload"), "merge_adapter": refuse_merge("merge_adapter")}
+        for name, fn in patches.items():
+            fn.__genlora_patch__ = True
+            self._patched[name] = model.__dict__.get(name)
+            object.__setattr__(model, name, fn)
+
+    def _unpatch_peft_methods(self) -> None:
+        for name, previous in self._patched.items():
+            if previous is None:
+                self.model.__dict__.pop(name, None)
+            else:
+                object.__setattr__(self.model, name, previous)
+        self._patched = {}
+
+    def transforms_model(self) -> bool:
+        """Whether the deployed model differs from PEFT's view of the live adapter (LoRASC's slow experts, LoRA
+        Dropout's expectation export): then PEFT's own merge would give another model."""
+        return any(self._extra_terms(s, training=False) or self._extra_terms(s, training=True) for s in self.slots)
+
+    def _load_adapter(self, original, model_id, adapter_name, *args, **kwargs):
+        folder = os.fspath(model_id)
+        if adapter_name == self.adapter_name and os.path.isdir(folder):
+            state = os.path.join(folder, GENLORA_STATE_NAME)
+            if os.path.isfile(state):
+                # A checkpoint of this run (Trainer resume, load_best_model_at_end): the adapter file there is the
+                # deployed model, the training state beside it is what continues the run exactly.
+                self.load_state(state)
+                return None
+            config = os.path.join(folder, GENLORA_CONFIG_NAME)
+            if os.path.isfile(config):
+                with open(config) as f:
+                    if json.load(f).get("deployed_differs_from_trained_adapter"):
+                        raise ValueError(
+                            f"{folder} has no {GENLORA_STATE_NAME}: it holds the deployed model of a genlora run, not "
+                            "a training state, and loading it into the live adapter would apply the methods' "
+                            "transform twice. Load it on a fresh base model with PeftModel.from_pretrained, or restore "
+                            f"a run from a checkpoint that has {GENLORA_STATE_NAME} (handle.load_state(path))"
+                        )
+        return original(model_id, adapter_name, *args, **kwargs)
 
     # --- detach, state, files --------------------------------------------------------------------------------
     def _check_attached(self) -> None:
@@ -304,6 +674,7 @@ class GenLoRAHandle:
         for m in reversed(self.methods):
             m.on_detach()
         self.perturber.unpatch()
+        self._unpatch_peft_methods()
         for s in self.slots:
             _ATTACHED_LAYERS.discard(s.layer)
         self._phase = _Phase.IDLE
@@ -313,34 +684,80 @@ class GenLoRAHandle:
         return {
             "genlora_format": _STATE_FORMAT,
             "adapter_name": self.adapter_name,
-            "total_steps": self.total_steps,
-            "methods": [{"method": m.name, **m.config.to_dict()} for m in self.methods],
+            "total_steps": self.loop.total_steps,
+            "methods": [{"method": m.name, **m.resolved_config()} for m in self.methods],
         }
 
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        if hasattr(self.model, "peft_config"):
+            state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
+        else:
+            state = {}
+            for s in self.slots:
+                state[f"{s.name}.A"], state[f"{s.name}.B"] = s.a_weight, s.b_weight
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def _load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        expected = set(self._adapter_state())
+        if set(state) != expected:
+            raise ValueError("the saved training state holds an adapter with other layers than this model's")
+        if hasattr(self.model, "peft_config"):
+            set_peft_model_state_dict(self.model, state, adapter_name=self.adapter_name)
+        else:
+            with torch.no_grad():
+                for s in self.slots:
+                    s.a_weight.copy_(state[f"{s.name}.A"])
+                    s.b_weight.copy_(state[f"{s.name}.B"])
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run exactly: step counter and each method's own state."""
+        """Everything needed to continue the run exactly: step counter, the trained adapter, each method's state."""
         return {
             **self.config_dict(),
             "global_step": self.global_step,
+            "adapter": self._adapter_state(),
             "method_states": {m.name: m.state_dict() for m in self.methods},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a `state_dict()`; the attached methods and their configs must match the saved ones."""
+        """Restore a `state_dict()`; the attached methods and their configs must match the saved ones (a method
+        whose seed was derived takes the run's recorded seed). On any error nothing is changed."""
         if self.in_step:
             raise RuntimeError("load_state_dict() between steps only")
-        if state.get("genlora_format") != _STATE_FORMAT:
+        if not isinstance(state, dict) or state.get("genlora_format") != _STATE_FORMAT:
             raise ValueError(f"unsupported genlora state format {state.get('genlora_format')!r}")
+        saved = state.get("methods")
         mine = self.config_dict()["methods"]
-        if state.get("methods") != mine:
-            raise ValueError(f"saved state is for methods {state.get('methods')}, but the handle has {mine}")
+        if not isinstance(saved, list) or len(saved) != len(mine):
+            raise ValueError(f"saved state is for methods {saved}, but the handle has {mine}")
+        for m, s_cfg, m_cfg in zip(self.methods, saved, mine):
+            free_seed = m.config.seed is None  # derived: the saved run's seed is the one to continue with
+            if {k: v for k, v in s_cfg.items() if not (free_seed and k == "seed")} != {
+                    k: v for k, v in m_cfg.items() if not (free_seed and k == "seed")}:
+                raise ValueError(f"saved state is for methods {saved}, but the handle has {mine}")
         step = state.get("global_step")
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"global_step must be a non-negative integer, got {step!r}")
-        for m in self.methods:
+        if not isinstance(state.get("adapter"), dict) or not isinstance(state.get("method_states"), dict):
+            raise ValueError("saved state holds no adapter weights or method states")
+        backup = self.state_dict()
+        try:
+            self._apply_state(state)
+        except BaseException:
+            self._apply_state(backup)
+            raise
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        self._load_adapter_state(state["adapter"])
+        for m, cfg in zip(self.methods, state["methods"]):
+            m.seed = cfg.get("seed")
             m.load_state_dict(state["method_states"][m.name])
-        self.global_step = step
-        self.total_steps = state.get("total_steps", self.total_steps)
+        self._seeds_synced = True
+        self.global_step = state["global_step"]
+        self.loop.total_steps = state.get("total_steps", self.loop.total_steps)
 
     def verify_base(self) -> None:
         """Raise if any frozen weight differs from its checksum taken at attach (needs `guard_base=True`)."""
@@ -372,35 +789,79 @@ class GenLoRAHandle:
     def save_config(self, directory: str | os.PathLike) -> str:
         """Write `genlora_config.json` (the attached methods and their options) into `directory`, atomically."""
         path = os.path.join(directory, GENLORA_CONFIG_NAME)
-        write_json_atomic(path, self.config_dict())
+        write_json_atomic(path, {**self.config_dict(),
+                                 "deployed_differs_from_trained_adapter": self.transforms_model()})
         return path
 
-    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
-        """`model.save_pretrained(directory)` (a standard PEFT adapter) plus `genlora_config.json` beside it."""
-        if not hasattr(self.model, "save_pretrained"):
-            raise TypeError("save_pretrained needs a peft.PeftModel; save the adapter with PEFT's helpers instead")
+    def _check_exportable(self) -> None:
         if self.in_step:
             raise RuntimeError("save between steps, not in the middle of one")
+        for m in self.methods:
+            reason = m.deployable_as_adapter()
+            if reason is not None:
+                raise ValueError(reason)
         bad = [s.name for s in self.slots if not all(bool(p.isfinite().all()) for p in (s.a_weight, s.b_weight))]
         if bad:
             raise ValueError(f"refusing to save: the adapter holds NaN/inf in {bad[:3]} ({len(bad)} layers)")
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the deployed model as a standard PEFT adapter (`PeftModel.from_pretrained` loads it without genlora)
+        plus `genlora_config.json` beside it. `model.save_pretrained`, `Trainer.save_model()` and every Trainer
+        checkpoint call this while the handle is attached. Keyword arguments go to PEFT's `save_pretrained`."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            raise TypeError("save_pretrained needs a peft.PeftModel; save the adapter with PEFT's helpers instead")
+        self._check_exportable()
+        save = self._originals["save_pretrained"] if self._patched else self.model.save_pretrained
         factors = {}
         changed = False
         for slot in self.slots:
-            plain = [(slot.scaling * slot.lora_B.weight.detach(), slot.lora_A.weight.detach())]
-            terms = plain
-            for m in self.methods:
-                terms = m.export_factors(slot, terms)
-            changed = changed or terms is not plain
+            terms, slot_changed, _ = self._deployed(slot)
+            changed = changed or slot_changed
             factors[slot.name] = terms
+        if not kwargs.get("is_main_process", True):
+            if not changed:
+                save(directory, **kwargs)  # PEFT's own collective-safe no-op path for non-writer ranks
+            return
         os.makedirs(directory, exist_ok=True)
         if changed:
             from .export import save_factor_adapter
 
-            save_factor_adapter(self.model, self.adapter_name, self.slots, factors, directory, **kwargs)
+            state = kwargs.pop("state_dict", None)
+            save_factor_adapter(self.model, self.adapter_name, self.slots, factors, directory, save,
+                                state_dict=state, **kwargs)
         else:
-            self.model.save_pretrained(directory, **kwargs)
+            save(directory, **kwargs)
         self.save_config(directory)
+
+    def merged_model(self) -> nn.Module:
+        """A deep copy of the base model with the deployed model merged densely and no LoRA layers (LoRASC's
+        persistent noise included in that mode; quantized bases dequantized). The live model is not touched.
+        Costs one model copy of memory."""
+        from .export import merged_dense_copy
+
+        if self.in_step:
+            raise RuntimeError("export between steps, not in the middle of one")
+        factors = {s.name: self.deployed_factors(s) for s in self.slots}
+        extras = [m for m in self.methods if hasattr(m, "dense_extra")]
+
+        def dense_extra(slot):
+            parts = [t for t in (m.dense_extra(slot) for m in extras) if t is not None]
+            return sum(parts) if parts else None
+
+        return merged_dense_copy(self.model, self.slots, factors, dense_extra=dense_extra if extras else None,
+                                 share=(self, *self.methods))
+
+    def save_merged(self, directory: str | os.PathLike, **kwargs: Any) -> None:
+        """`merged_model().save_pretrained(directory, **kwargs)`: an ordinary transformers model, no PEFT needed."""
+        model = self.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "save_pretrained"):  # checked before paying for the copy
+            raise TypeError(
+                f"{type(base).__name__} has no save_pretrained; torch.save handle.merged_model().state_dict() instead"
+            )
+        self.merged_model().save_pretrained(directory, **kwargs)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
@@ -425,14 +886,17 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 def base_checksums(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Exact checksums of every frozen floating-point tensor: the bit patterns summed plainly and with position
-    weights (int64, wrapping), so any changed bit changes them. One pass over the weights, no copy kept."""
+    """Exact checksums of every frozen floating-point (or quantized) tensor: the bit patterns summed plainly and
+    with position weights (int64, wrapping), so any changed bit changes them. One pass, no copy kept."""
     sums = {}
     int_views = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
     for name, p in model.named_parameters():
-        if p.requires_grad or not p.is_floating_point():
+        if p.requires_grad:
             continue
-        bits = p.detach().reshape(-1).view(int_views[p.element_size()]).to(torch.int64)
+        data = p.detach()
+        if type(data) is not torch.Tensor and hasattr(data, "data"):
+            data = data.data  # bitsandbytes Params4bit / Int8Params: the packed payload
+        bits = data.reshape(-1).view(int_views[data.element_size()]).to(torch.int64)
         weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
         sums[name] = (int(bits.sum()), int((bits * weights).sum()))
     return sums

@@ -1,7 +1,9 @@
-"""Finding the LoRA layers of a model, for the adapter that is active.
+"""Finding the LoRA layers of a model for one adapter.
 
-A `LoraSlot` is one (LoRA layer, adapter) pair that the methods act on. Only PEFT's public surface is used:
-`isinstance(module, LoraLayer)` and the adapter-keyed `lora_A` / `lora_B` / `scaling` containers.
+A `LoraSlot` is one (LoRA layer, adapter) pair the methods act on. Only PEFT's public surface is used:
+`isinstance(module, LoraLayer)` and the adapter-keyed containers (`lora_A`/`lora_B` or `lora_embedding_A`/
+`lora_embedding_B`, `r`, `scaling`, `active_adapters`, `disable_adapters`). The slot's `kind` (core/layers.py)
+translates the layer type into the (n_out, n_in) view the methods are written for.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
-from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
+
+from .layers import LayerKind, kind_of
 
 
 @dataclass(eq=False)
@@ -20,28 +23,34 @@ class LoraSlot:
     name: str  # qualified module name
     layer: LoraLayer
     adapter: str
+    kind: LayerKind | None  # None: a PEFT layer type genlora cannot map (methods that need one refuse it)
 
     @property
-    def lora_A(self) -> nn.Module:  # weight (r, n_in)
+    def is_embedding(self) -> bool:
+        return self.adapter in getattr(self.layer, "lora_embedding_A", {})
+
+    @property
+    def lora_A(self) -> nn.Module:
+        """The lora_A module (Linear/Conv); Embedding LoRA has none (its factors are plain parameters)."""
         return self.layer.lora_A[self.adapter]
 
     @property
-    def lora_B(self) -> nn.Module:  # weight (n_out, r)
+    def lora_B(self) -> nn.Module:
         return self.layer.lora_B[self.adapter]
 
     @property
     def a_weight(self) -> nn.Parameter:
-        """LoRA A, rank along dim 0: (r, n_in) for Linear, (r, n_in, *k) for Conv, (r, vocab) for Embedding."""
-        if self.adapter in self.layer.lora_A:
-            return self.layer.lora_A[self.adapter].weight
-        return self.layer.lora_embedding_A[self.adapter]
+        """LoRA A, rank along dim 0: (r, n_in) for Linear, (r, in, *k) for Conv, (r, vocab) for Embedding."""
+        if self.is_embedding:
+            return self.layer.lora_embedding_A[self.adapter]
+        return self.layer.lora_A[self.adapter].weight
 
     @property
     def b_weight(self) -> nn.Parameter:
-        """LoRA B, rank along dim 1: (n_out, r) for Linear and Embedding, (n_out, r, 1...) for Conv."""
-        if self.adapter in self.layer.lora_B:
-            return self.layer.lora_B[self.adapter].weight
-        return self.layer.lora_embedding_B[self.adapter]
+        """LoRA B, rank along dim 1: (n_out, r) for Linear and Embedding, (out, r, 1, ...) for Conv."""
+        if self.is_embedding:
+            return self.layer.lora_embedding_B[self.adapter]
+        return self.layer.lora_B[self.adapter].weight
 
     @property
     def r(self) -> int:
@@ -56,21 +65,32 @@ class LoraSlot:
         return self.layer.get_base_layer()
 
     @property
-    def is_linear(self) -> bool:
-        """A PEFT `lora.Linear` around a plain float `nn.Linear` (not quantized, not transformers' Conv1D)."""
-        base = self.base_layer
-        return (
-            isinstance(self.layer, LoraLinear)
-            and type(base) is nn.Linear
-            and not self.layer.fan_in_fan_out
-            and base.weight.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-        )
+    def uses_variant(self) -> bool:
+        """DoRA and PEFT's other LoRA variants (their forward is not just s*B*A)."""
+        return self.adapter in getattr(self.layer, "lora_variant", {})
+
+    @property
+    def active(self) -> bool:
+        """Whether this adapter's LoRA term takes part in the layer's forward now."""
+        return not self.layer.disable_adapters and self.adapter in self.layer.active_adapters
+
+    def factor_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B (n_out, r), A (r, n_in)), differentiable views of the adapter's parameters, no scaling."""
+        return self.kind.factor_views(self)
+
+    def trained_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s*B (n_out, r), A (r, n_in)), detached: the low-rank term the adapter adds to W now."""
+        b, a = self.factor_views()
+        return self.scaling * b.detach(), a.detach()
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in fp32, shape (n_out, n_in)."""
-        a = self.lora_A.weight.float()
-        b = self.lora_B.weight.float()
-        return self.scaling * (b @ a)
+        u, v = self.trained_factors()
+        return u.float() @ v.float()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen W in storage layout (dequantized for quantized bases)."""
+        return self.kind.dense_weight(self.base_layer)
 
 
 def resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
@@ -111,5 +131,6 @@ def find_lora_slots(model: nn.Module, adapter_name: str) -> list[LoraSlot]:
         if adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {}):
             if module.merged:
                 raise ValueError(f"LoRA layer {name!r} has merged adapters; unmerge it before attaching genlora")
-            slots.append(LoraSlot(index=len(slots), name=name, layer=module, adapter=adapter_name))
+            slots.append(LoraSlot(index=len(slots), name=name, layer=module, adapter=adapter_name,
+                                  kind=kind_of(module)))
     return slots

@@ -1,16 +1,19 @@
-"""A thin transformers `TrainerCallback` that drives a genlora handle from `Trainer.train()`.
+"""A thin transformers `TrainerCallback` that drives a genlora handle from `Trainer.train()`, and a Trainer mixin for
+what a callback cannot do.
 
-All logic lives in the handle (usable from any loop); this file only maps Trainer events onto it:
+All logic lives in the handle (usable from any loop); the callback only maps Trainer events onto it:
 `on_step_begin` = start of an accumulation cycle, `on_pre_optimizer_step` = after clipping, before
-`optimizer.step()`, `on_optimizer_step` = right after it.
+`optimizer.step()`, `on_optimizer_step` = right after it. Saving needs nothing here: while the handle is attached,
+the model's own `save_pretrained` (which `Trainer.save_model` and every checkpoint call) writes the deployed model,
+and its `load_adapter` (which resuming and `load_best_model_at_end` call) restores the run from the checkpoint's
+`genlora_state.pt`.
 """
 
 from __future__ import annotations
 
 import os
 
-from transformers import TrainerCallback
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..core.handle import GENLORA_STATE_NAME, GenLoRAHandle
 
@@ -18,8 +21,8 @@ from ..core.handle import GENLORA_STATE_NAME, GenLoRAHandle
 class GenLoRACallback(TrainerCallback):
     """Usage: `Trainer(model=peft_model, args=args, ..., callbacks=[GenLoRACallback(handle)])`.
 
-    The regularizers (RM-LoRA) are added to the loss the model returns; with `compute_loss_func` or label
-    smoothing the model returns no loss and the step stops with an error telling you so.
+    The regularizers (RM-LoRA) are added to the loss the model returns; with `compute_loss_func`, label smoothing or
+    a trainer that computes its own loss (TRL's DPO), use `GenLoRATrainerMixin`, which adds them there.
     """
 
     def __init__(self, handle: GenLoRAHandle):
@@ -28,17 +31,26 @@ class GenLoRACallback(TrainerCallback):
         self.handle = handle
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.handle.total_steps is None and state.max_steps > 0:
-            self.handle.total_steps = state.max_steps
-        self.handle.grad_accum_steps = args.gradient_accumulation_steps
+        handle = self.handle
+        if handle.total_steps is None and state.max_steps > 0:
+            handle.configure(total_steps=state.max_steps)
+        handle.configure(grad_accum_steps=args.gradient_accumulation_steps)
         if kwargs.get("optimizer") is not None:
-            self.handle.bind_optimizer(kwargs["optimizer"])
-        if self.handle.steps_per_epoch is None:  # LoRASC's default stage length: one epoch of optimizer steps
-            self.handle.steps_per_epoch = update_steps_per_epoch(kwargs.get("train_dataloader"), args)
-        if state.global_step > 0 and self.handle.global_step != state.global_step:
-            # Resuming: the Trainer restored its step counter from checkpoint-N; restore genlora's state saved
-            # beside it (to resume from a checkpoint outside output_dir, call handle.load_state(path) before
-            # train()). A checkpoint without one cannot be continued exactly, so it is an error, not a guess.
+            handle.bind_optimizer(kwargs["optimizer"])
+        if handle.steps_per_epoch is None:  # LoRASC's stage_per_epoch: one epoch of optimizer steps
+            steps = update_steps_per_epoch(kwargs.get("train_dataloader"), args)
+            if steps is not None:
+                handle.configure(steps_per_epoch=steps)
+        if args.save_strategy != "no":
+            for m in handle.methods:  # checkpoints would fail mid-run: refuse before the first step
+                reason = m.deployable_as_adapter()
+                if reason is not None:
+                    raise ValueError(f"the Trainer saves checkpoints (save_strategy={args.save_strategy!r}), but {reason}"
+                                     "; set save_strategy='no' and save with handle.save_merged at the end")
+        if state.global_step > 0 and handle.global_step != state.global_step:
+            # Resuming from a checkpoint whose adapter the Trainer did not load through the model (e.g. a checkpoint
+            # outside output_dir needs handle.load_state(path) before train()): restore genlora's state saved
+            # beside it. A checkpoint without one cannot be continued exactly, so it is an error, not a guess.
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, GENLORA_STATE_NAME)
             if not os.path.exists(path):
@@ -46,9 +58,9 @@ class GenLoRACallback(TrainerCallback):
                     f"resuming at step {state.global_step}, but {path} is missing: genlora's state (step counter, "
                     "LoRASC stages, ...) was not saved with that checkpoint"
                 )
-            self.handle.load_state(path)
-            if self.handle.global_step != state.global_step:
-                raise ValueError(f"{path} is for step {self.handle.global_step}, the Trainer is at {state.global_step}")
+            handle.load_state(path)
+            if handle.global_step != state.global_step:
+                raise ValueError(f"{path} is for step {handle.global_step}, the Trainer is at {state.global_step}")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if kwargs.get("optimizer") is not None and self.handle.optimizer is None:
@@ -76,18 +88,20 @@ class GenLoRACallback(TrainerCallback):
             self.handle.save_config(args.output_dir)
 
 
-# --- LoRA Dropout's n_train instances and test-time ensemble inside the Trainer -----------------------------------
 class GenLoRATrainerMixin:
-    """Trainer mixin for what a callback cannot do: LoRA Dropout's n_train forward/backward passes per batch and its
-    test-time ensemble in evaluation. Usage: `genlora.GenLoRATrainer(model=..., args=..., genlora_handle=handle)`, or
-    `class MyTrainer(GenLoRATrainerMixin, SFTTrainer)`. It adds `GenLoRACallback(handle)` itself when missing.
+    """Trainer mixin for what a callback cannot do. Usage: `genlora.GenLoRATrainer(model=..., args=...,
+    genlora_handle=handle)`, or `class MyTrainer(GenLoRATrainerMixin, SFTTrainer)` (any Trainer subclass, TRL's
+    included). It adds `GenLoRACallback(handle)` itself when missing.
 
-    - `training_step`: with n_train > 1, runs the batch n_train times, each with its own masks and loss / n_train
-      (the scaling happens in `compute_loss`, so custom losses, label smoothing and accumulation are covered).
+    - `training_step`: with several passes per batch (LoRA Dropout's n_train > 1), runs the batch that many times,
+      each with its own masks and loss / n (the scaling happens in `compute_loss`, so custom losses, label smoothing
+      and accumulation are covered).
+    - `compute_loss`: when the loss did not come from the model's own forward (`compute_loss_func`, label smoothing,
+      TRL's DPO loss), adds the attached methods' regularizers to it, exactly once per micro-step, weighted so that
+      each optimizer step's gradient gets lambda * grad R once, as the Trainer then scales the loss.
     - `prediction_step`: inside `genlora.test_time_ensemble` when `genlora_eval_ensemble` is True, or when it is
-      None (default) and the LoRA Dropout deploys as an ensemble (`deploy="ensemble"`); eval_loss is then the
-      ensemble's NLL and the predictions are log(mean probs).
-    Without an attached LoRA Dropout it behaves like the Trainer plus the callback.
+      None (default) and a LoRA Dropout deploys as an ensemble; eval_loss is then the ensemble's NLL and the
+      predictions are log(mean probs).
     """
 
     def __init__(self, *args, genlora_handle: GenLoRAHandle | None = None, genlora_eval_ensemble: bool | None = None,
@@ -118,27 +132,41 @@ class GenLoRATrainerMixin:
             return None
 
     def training_step(self, model, inputs, *args, **kwargs):
-        dropout = self._genlora_dropout()
-        if dropout is None or dropout.config.n_train == 1:
+        handle = self.genlora_handle
+        if handle.passes_per_batch() == 1:
             return super().training_step(model, inputs, *args, **kwargs)
         total = None
-        for inst in dropout.train_instances():
+        for inst in handle.train_instances():
             self._genlora_instance = inst
             try:  # each call prepares its own copy of `inputs`, so the batch can be run again
                 loss = super().training_step(model, inputs, *args, **kwargs)
             finally:
                 self._genlora_instance = None
-            total = loss if total is None else total + loss  # the sum of loss / n_train: the mean, for logging
+            total = loss if total is None else total + loss  # the sum of loss / n: the mean, for logging
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        handle = self.genlora_handle
+        before = handle.regularizer_count if handle.in_step else None
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss, outputs = result if return_outputs else (result, None)
+        if before is not None and model.training and handle.regularizer_count == before:
+            loss = handle.loss(loss, share=self._genlora_regularizer_share(kwargs.get("num_items_in_batch")))
         inst = self._genlora_instance
-        if inst is None:
-            return result
-        if return_outputs:
-            return inst.scale(result[0]), result[1]
-        return inst.scale(result)
+        if inst is not None:
+            loss = inst.scale(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _genlora_regularizer_share(self, num_items_in_batch) -> float:
+        """The regularizer's weight in this micro-step's loss: the Trainer divides the loss by the accumulation
+        steps unless it believes the loss is already normalized over the whole step (its `loss_is_scaled_for_ga`
+        rule); in that case the share is 1/accumulation steps, so every optimizer step sums to lambda * R."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+                getattr(self, "compute_loss_func", None) is not None)
+        accum = self.genlora_handle.grad_accum_steps
+        return 1.0 / accum if scaled else 1.0
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         dropout = self._genlora_dropout()

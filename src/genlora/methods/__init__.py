@@ -1,9 +1,9 @@
+"""The four methods; importing this package registers them (`genlora.registry.METHODS`)."""
+
 from .flat_lora import FlatLoRA, FlatLoRAConfig
-from .rm_lora import RMLoRA, RMLoRAConfig
 from .lora_dropout import LoRADropout, LoRADropoutConfig
 from .lorasc import LoRASC, LoRASCConfig
-from ..ensemble import TestTimeEnsemble, test_time_ensemble
+from .rm_lora import RMLoRA, RMLoRAConfig
 
-__all__ = ["FlatLoRA", "FlatLoRAConfig", "RMLoRA", "RMLoRAConfig"]
-__all__ += ["LoRADropout", "LoRADropoutConfig", "TestTimeEnsemble", "test_time_ensemble"]
-__all__ += ["LoRASC", "LoRASCConfig"]
+__all__ = ["FlatLoRA", "FlatLoRAConfig", "LoRADropout", "LoRADropoutConfig", "LoRASC", "LoRASCConfig", "RMLoRA",
+           "RMLoRAConfig"]

@@ -1,10 +1,10 @@
 """LoRASC: LoRA slow cascade learning (Li et al., "Expressive and Generalizable Low-rank Adaptation for Large Models
 via Slow Cascaded Learning", arXiv 2407.01491, Findings of EMNLP 2024). No official code was published; this follows
-the reconstruction of spec section 3.2.
+the reconstruction of docs/methods.md, "LoRASC".
 
-Training runs in stages t = 1..T (default: one epoch each). Stage t trains a fresh "fast" LoRA (B_t = 0, A_t Kaiming,
-fresh optimizer state) on a noisy copy of the frozen backbone; at its end a portion of it is merged into a slow
-accumulator S:
+Training runs in stages t = 1..T (default: 3 stages of equal length over the run). Stage t trains a fresh "fast" LoRA
+(B_t = 0, A_t Kaiming, fresh optimizer state) on a noisy copy of the frozen backbone; at its end a portion of it is
+merged into a slow accumulator S:
 
     noisy backbone (cascading noisy tuning, NoisyTune-style, per matrix):
         W~_t = W + S_{t-1} + xi_t,      xi_t = (U(-1/2, 1/2) elementwise) * lambda * std(W)
@@ -14,37 +14,37 @@ accumulator S:
         S_t = (1 - alpha) * S_{t-1} + alpha * s * B_t A_t
 
 so S is a weighted sum of rank-r experts (rank up to T*r): the "mixture of low-rank adaptations". alpha = 1 with the
-Lookahead reading is ReLoRA/COLA merge-and-reinit chaining.
+Lookahead reading is ReLoRA/COLA merge-and-reinit chaining. The final model is W + S_T: the current fast expert
+enters the deployed model at weight alpha (the slow-fast update of the last stage), never at 1.
 
-Exactness: nothing is ever written into the frozen W (it stays bit-identical, also in bf16). S is held by this
-method as frozen low-rank factors U (n_out, K), V (K, n_in) and added to the LoRA layer's output by a forward hook,
-out += (x V^T) U^T; they are not module parameters or buffers, so state dicts and PEFT saves are unchanged. The stage
-noise goes through `core.perturbed_linear` (regenerated from its seed, never stored or added in place), so it is gone
-exactly when the stage ends. Export: `handle.save_pretrained` writes a plain PEFT adapter of rank K + r reproducing
-W + S + s*B*A; `save_merged` writes the dense model with that sum merged into the weights.
+Exactness: nothing is ever written into the frozen W (it stays bit-identical, also in bf16). S is held by this method
+as frozen low-rank factors U (n_out, K), V (K, n_in) that the core adds to the LoRA layer's output (`frozen_delta_
+factors`); they are not module parameters or buffers, so state dicts are unchanged. The stage noise goes through
+`core.perturbed_linear` (regenerated from its seed, never stored or added in place), so it is gone exactly when the
+stage ends. Every save path writes a plain PEFT adapter of rank K + r holding W + S + alpha*s*B*A.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import MethodConfig, check_choice, check_int, check_range
-from ..core.export import merged_dense_copy
+from ..config import MethodConfig, check_bool, check_choice, check_int, check_range, check_seed
+from ..core.layers import kind_of_base
 from ..core.lora_layers import LoraSlot
-from ..core.method import AttachContext, Method
-from ..core.perturbed_linear import noise_kernel
+from ..core.method import AttachContext, Method, Phase, Requirement
+from ..core.perturbed_linear import NoiseTarget, noise_kernel
 from ..core.seeding import GeneratorPool, derive_seed
+from ..registry import register_method
 
 SLOW_UPDATES = ("lookahead", "ema")
 NOISE_MODES = ("transient", "persistent")
+NOISE_SCOPES = ("lora", "all")
 
 
 @dataclass
@@ -55,35 +55,45 @@ class LoRASCConfig(MethodConfig):
         default=0.5,
         metadata={
             "help": "Slow-fast pace alpha in (0, 1]: the share of each finished fast expert merged into the slow "
-            "weights. The paper's value is unknown; 0.5 is Lookahead's default, the spec's grid is {0.5, 0.8, 1.0}; "
-            "1.0 (with slow_update='lookahead') is ReLoRA/COLA merge-and-reinit chaining."
+            "weights (the last expert too: the deployed model is W + S_T). The paper's value is unknown; 0.5 is "
+            "Lookahead's default, the grid {0.5, 0.8, 1.0}; 1.0 with 'lookahead' is ReLoRA/COLA chaining."
         },
     )
     slow_update: str = field(
         default="lookahead",
         metadata={
             "help": "'lookahead' (default): S += alpha * s*B*A, every expert kept with weight alpha. 'ema': "
-            "S = (1 - alpha) * S + alpha * s*B*A, earlier experts decay (the spec's second reading)."
+            "S = (1 - alpha) * S + alpha * s*B*A, earlier experts decay (the second reading)."
+        },
+    )
+    num_stages: int | None = field(
+        default=3,
+        metadata={
+            "help": "Cascade stages of equal length over the run (>= 1; needs total_steps). Default 3: a stage count "
+            "per run, whatever the data size (one stage per epoch gives many short stages on small data, each "
+            "restarting B at 0 with a reset optimizer). Unused when stage_steps or stage_per_epoch is set."
         },
     )
     stage_steps: int | None = field(
         default=None,
+        metadata={"help": "Fixed stage length in optimizer steps (>= 1); overrides num_stages."},
+    )
+    stage_per_epoch: bool = field(
+        default=False,
         metadata={
-            "help": "Optimizer steps per cascade stage (>= 1). Default None: one epoch, taken from steps_per_epoch "
-            "(below, or handle.steps_per_epoch, which the Trainer callback sets from the train dataloader)."
+            "help": "One stage per epoch (the summaries' reading) instead of num_stages; the epoch length comes "
+            "from steps_per_epoch (below) or the loop (attach(steps_per_epoch=...), set by GenLoRACallback)."
         },
     )
     steps_per_epoch: int | None = field(
         default=None,
-        metadata={
-            "help": "Optimizer steps per epoch (>= 1), e.g. len(train_loader) // grad_accum, for the default "
-            "one-epoch stages in a plain loop. Default None: use handle.steps_per_epoch (set by GenLoRACallback)."
-        },
+        metadata={"help": "Optimizer steps per epoch for stage_per_epoch in a plain loop (>= 1); default None: the "
+                          "loop's (genlora.attach(..., steps_per_epoch=N))."},
     )
     noise_lambda: float = field(
         default=0.15,
         metadata={
-            "help": "Cascading noisy tuning strength lambda >= 0: each stage perturbs every frozen matrix W by "
+            "help": "Cascading noisy tuning strength lambda >= 0: each stage perturbs the frozen matrices W by "
             "U(-1/2, 1/2) * lambda * std(W), NoisyTune-style. Default 0.15 (NoisyTune's; LoRASC's value is "
             "unknown). 0 turns the noise off. Training-mode forwards only; evaluation sees no noise."
         },
@@ -96,24 +106,39 @@ class LoRASCConfig(MethodConfig):
             "seeds, so stage t costs t uniform draws per layer and forward; exportable only as a dense model."
         },
     )
-    seed: int = field(
-        default=0, metadata={"help": "Seed of LoRASC's own generators (stage noise, fast-LoRA re-init)."}
+    noise_scope: str = field(
+        default="lora",
+        metadata={
+            "help": "Which frozen matrices get the stage noise: 'lora' (default) the base weights of the LoRA-adapted "
+            "layers; 'all' every frozen Linear, Conv1D, Conv and Embedding weight, as NoisyTune perturbs all of a "
+            "model's matrices (a tied weight gets one noise wherever it is used)."
+        },
+    )
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of LoRASC's own generators (stage noise, fast-LoRA re-init); None: derived from "
+                          "torch.initial_seed() at attach, recorded in genlora_config.json."},
     )
 
     def __post_init__(self):
         check_range("alpha", self.alpha, low=0.0, high=1.0, low_open=True)
         check_choice("slow_update", self.slow_update, SLOW_UPDATES)
-        if self.stage_steps is not None:
-            check_int("stage_steps", self.stage_steps, low=1)
-        if self.steps_per_epoch is not None:
-            check_int("steps_per_epoch", self.steps_per_epoch, low=1)
+        for key in ("num_stages", "stage_steps", "steps_per_epoch"):
+            if getattr(self, key) is not None:
+                check_int(key, getattr(self, key), low=1)
+        check_bool("stage_per_epoch", self.stage_per_epoch)
+        if self.stage_steps is not None and self.stage_per_epoch:
+            raise ValueError("stage_steps and stage_per_epoch=True both set the stage length: choose one")
+        if self.stage_steps is None and not self.stage_per_epoch and self.num_stages is None:
+            raise ValueError("num_stages is None: set num_stages (>= 1), stage_steps, or stage_per_epoch=True")
         check_range("noise_lambda", self.noise_lambda, low=0.0)
         check_choice("noise_mode", self.noise_mode, NOISE_MODES)
-        check_int("seed", self.seed, low=0)
+        check_choice("noise_scope", self.noise_scope, NOISE_SCOPES)
+        check_seed("seed", self.seed)
 
 
 class UniformNoise:
-    """xi (n_out, n_in) = (u - 1/2) * scale, u ~ U[0, 1) elementwise, a pure function of `seed`.
+    """xi = (u - 1/2) * scale in W's storage layout, u ~ U[0, 1) elementwise, a pure function of `seed`.
 
     On CUDA with the Triton kernel enabled (GENLORA_TRITON=auto), u comes from its counter-based generator, and
     `core.perturbed_linear` forms W + xi (+ Flat-LoRA's eps) in one pass through `triton_term`; elsewhere from
@@ -159,15 +184,15 @@ class SummedNoise:
             draw.sample_into(out, accumulate or i > 0)
 
 
+@register_method
 class LoRASC(Method):
     """LoRASC slow cascade learning (arXiv 2407.01491). Options: see `LoRASCConfig`.
 
     Plain loop (`model` a PEFT LoRA model, `loader` yielding dict batches with labels)::
 
-        lorasc = genlora.LoRASC(alpha=0.5, noise_lambda=0.15, steps_per_epoch=len(loader))
-        handle = genlora.attach(model, lorasc)
+        lorasc = genlora.LoRASC(alpha=0.5, noise_lambda=0.15)        # 3 stages over the run
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-        handle.bind_optimizer(optimizer)    # LoRASC resets the fast LoRA's optimizer state at each stage
+        handle = genlora.attach(model, lorasc, total_steps=num_epochs * len(loader), optimizer=optimizer)
         for epoch in range(num_epochs):
             for batch in loader:
                 handle.begin_step()         # first step of a stage: merge alpha*s*B*A into S, fresh A, B and state
@@ -175,17 +200,16 @@ class LoRASC(Method):
                 loss.backward()
                 handle.optimizer_step(optimizer)
                 optimizer.zero_grad()
-        handle.save_pretrained(adapter_dir) # a plain PEFT adapter of rank (stages)*r: W + S + s*B*A
-        lorasc.save_merged(merged_dir)      # the dense model W + S + s*B*A (transformers save_pretrained)
+        model.save_pretrained(adapter_dir)  # a plain PEFT adapter of rank (stages)*r: W + S + alpha*s*B*A
+        handle.save_merged(merged_dir)      # the same model, dense (transformers save_pretrained)
 
-    Trainer (the callback binds the Trainer's optimizer and sets the epoch length from its train dataloader)::
+    Trainer (the callback binds the Trainer's optimizer and sets the run and epoch lengths)::
 
         handle = genlora.attach(model, genlora.LoRASC(alpha=0.5, noise_lambda=0.15))
         trainer = Trainer(model=model, args=args, train_dataset=train_dataset,
                           callbacks=[genlora.GenLoRACallback(handle)])
         trainer.train()
-        handle.save_pretrained(adapter_dir)
-        handle.method("lorasc").save_merged(merged_dir)
+        trainer.save_model(adapter_dir)     # the deployed model, as every checkpoint-N/ holds it
 
     The slow experts live in this method object, not in the model: `detach()` drops them (with a warning), so
     export first. They are part of `handle.state_dict()`, so `handle.save_state(path)` / `load_state(path)` resume
@@ -193,7 +217,7 @@ class LoRASC(Method):
     """
 
     config_class = LoRASCConfig
-    order = 10  # stage change first: Flat-LoRA's row norms of the same step see the new S and fresh B, A (spec 5.2)
+    phase = Phase.STAGE  # stage change first: Flat-LoRA's row norms of the same step see the new S and fresh B, A
     config: LoRASCConfig
 
     def __init__(self, config: LoRASCConfig | None = None, **options):
@@ -201,9 +225,24 @@ class LoRASC(Method):
         self._pool = GeneratorPool()
         self._stage: int | None = None  # None until the first begin_step
         self._slow: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> U (n_out, K), V (K, n_in), fp32
-        self._std: dict[int, float] = {}  # slot -> std(W), for the noise scale
-        self._hooks: list = []
-        self._noisy = False
+        self._std: dict[int, float] = {}  # noise target -> std(W), for the noise scale
+        self._owner: dict[int, int] = {}  # noise target -> index seeding its noise (tied weights share one)
+        self._extra_targets: list[NoiseTarget] = []
+
+    # --- declared capabilities ---------------------------------------------------------------------------------
+    def requirements(self):
+        reqs = {Requirement.OPTIMIZER}
+        if self.config.stage_steps is not None:
+            return reqs
+        if self.config.stage_per_epoch:
+            return reqs if self.config.steps_per_epoch is not None else reqs | {Requirement.STEPS_PER_EPOCH}
+        return reqs | {Requirement.TOTAL_STEPS}
+
+    def perturbs_base(self) -> bool:
+        return self.config.noise_lambda > 0
+
+    def adds_delta_terms(self) -> bool:
+        return True
 
     # --- queries -----------------------------------------------------------------------------------------------
     @property
@@ -211,106 +250,106 @@ class LoRASC(Method):
         """Index of the current cascade stage (0-based); None before the first step."""
         return self._stage
 
-    def stage_length(self) -> int:
-        """Optimizer steps per stage: stage_steps, else the epoch length (config, then handle)."""
-        if self.config.stage_steps is not None:
-            return self.config.stage_steps
-        if self.config.steps_per_epoch is not None:
-            return self.config.steps_per_epoch
-        epoch = getattr(self.ctx.handle, "steps_per_epoch", None) if self.ctx is not None else None
-        if epoch is None:
-            raise RuntimeError(
-                "LoRASC's stage length is unknown: stages last one epoch by default, so pass "
-                "LoRASC(steps_per_epoch=<optimizer steps per epoch>) (GenLoRACallback sets it from the Trainer's "
-                "train dataloader), or LoRASC(stage_steps=N) for a stage every N optimizer steps"
-            )
-        check_int("handle.steps_per_epoch", epoch, low=1)
-        return epoch
+    def stage_of(self, step: int) -> int:
+        """The stage optimizer step `step` belongs to."""
+        cfg, loop = self.config, self.ctx.handle.loop
+        if cfg.stage_steps is not None:
+            return step // cfg.stage_steps
+        if cfg.stage_per_epoch:
+            return step // (cfg.steps_per_epoch or loop.steps_per_epoch)
+        total, n = loop.total_steps, cfg.num_stages
+        return min(step * n // total, n - 1)
 
     def slow_rank(self, slot: LoraSlot) -> int:
         """K, the rank of the slow part S of `slot` (r per finished stage; 0 during the first stage)."""
         slow = self._slow.get(slot.index)
         return 0 if slow is None else slow[1].shape[0]
 
-    def extra_delta_factors(self, slot: LoraSlot) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def frozen_delta_factors(self, slot: LoraSlot) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(U (n_out, K), V (K, n_in))] with S = U V, or [] before the first stage boundary (fp32)."""
         slow = self._slow.get(slot.index)
         return [] if slow is None else [slow]
 
+    extra_delta_factors = frozen_delta_factors
+
     def noise(self, slot: LoraSlot) -> torch.Tensor | None:
-        """The stage noise (n_out, n_in, fp32) that training forwards of `slot` add to W now, regenerated; None if
+        """The stage noise that training forwards of `slot` add to W now, as (n_out, n_in) fp32, regenerated; None if
         there is none. For tests and analysis."""
-        draw = self.draw_for(slot)
+        target = NoiseTarget(slot.index, slot.name, slot.base_layer, slot.kind, slot)
+        weight = slot.dense_weight()
+        draw = self.draw_for(target, weight)
         if draw is None:
             return None
-        weight = slot.base_layer.weight
         out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         draw.sample_into(out, accumulate=False)
-        return out
+        return slot.kind.as_linear(out)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
-    def validate(self, model, slots: list[LoraSlot]) -> None:
+    def validate(self, model, slots: list[LoraSlot], others) -> None:
         for slot in slots:
-            if not slot.is_linear:
+            if slot.kind is None:
                 raise TypeError(
-                    f"LoRASC supports LoRA on float nn.Linear layers; {slot.name!r} wraps "
-                    f"{type(slot.base_layer).__name__} (quantized, Conv, Embedding and Conv1D bases are not supported)"
+                    f"LoRASC supports PEFT LoRA on Linear, Conv1D, Conv, Embedding and bitsandbytes layers; "
+                    f"{slot.name!r} is a {type(slot.layer).__name__}"
                 )
-            if slot.base_layer.weight.requires_grad:
+            if getattr(slot.base_layer.weight, "requires_grad", False):
                 raise ValueError(f"LoRASC needs frozen base weights; {slot.name}.weight requires grad")
-            if slot.adapter in getattr(slot.layer, "lora_variant", {}):  # DoRA & co. are not a sum of B A terms
-                raise ValueError(f"LoRASC supports plain LoRA; {slot.name!r} uses a LoRA variant (DoRA, ...)")
+            if slot.uses_variant:
+                raise ValueError(
+                    f"LoRASC folds each fast expert into low-rank slow factors; {slot.name!r} uses a LoRA variant "
+                    "(DoRA's magnitude rescales whole output rows of W + s*B*A, a full-rank change no low-rank "
+                    "factor can hold): set use_dora=False"
+                )
             if getattr(slot.layer, "lora_bias", {}).get(slot.adapter, False):
                 raise ValueError(f"LoRASC does not support lora_bias=True ({slot.name!r})")
+            if type(slot.a_weight).__name__ == "DTensor":
+                raise ValueError(
+                    f"LoRASC rewrites the fast LoRA at stage boundaries and keeps its slow experts whole; {slot.name!r} "
+                    "has sharded LoRA parameters (FSDP2 / ZeRO-3): train LoRASC with DDP"
+                )
+        for other in others:
+            if other.name == "lora_dropout" and getattr(other.config, "deploy", None) == "ensemble":
+                raise ValueError(
+                    "LoRASC merges every fast expert at its expectation over LoRA Dropout's masks, so the deployed "
+                    "model is deterministic: use LoRADropout(deploy='merged_expectation') with LoRASC"
+                )
 
     def on_attach(self, ctx: AttachContext) -> None:
         super().on_attach(ctx)
-        for slot in ctx.slots:
-            self._hooks.append(slot.layer.register_forward_hook(self._make_hook(slot), with_kwargs=True))
-        if self.config.noise_lambda > 0:
-            with torch.no_grad():  # W is frozen, so std(W) is computed once
-                self._std = {slot.index: _weight_std(slot.base_layer.weight) for slot in ctx.slots}
-            ctx.perturber.add_source(self)
-            self._noisy = True
+        if self.perturbs_base() and self.config.noise_scope == "all":
+            self._extra_targets = _other_frozen_layers(ctx.model, ctx.slots)
+        targets = [NoiseTarget(s.index, s.name, s.base_layer, s.kind, s) for s in ctx.slots] + self._extra_targets
+        owners: dict[int, int] = {}
+        for t in targets:  # a tied weight (embedding = lm_head) gets one noise: seeded by its first user
+            owners.setdefault(id(t.module.weight), t.index)
+            self._owner[t.index] = owners[id(t.module.weight)]
+        if self.perturbs_base():
+            with torch.no_grad():  # W is frozen, so std(W) is computed once (lazily for shards: `draw_for`)
+                for t in targets:
+                    weight = t.kind.dense_weight(t.module)
+                    if weight.numel() > 0 and type(weight).__name__ != "DTensor":
+                        self._std[t.index] = _weight_std(weight)
+
+    def noise_targets(self) -> list[NoiseTarget]:
+        return list(self._extra_targets)
 
     def on_detach(self) -> None:
         if self._slow:
             warnings.warn(
                 f"detaching LoRASC drops its slow experts (stage {self._stage}); the model keeps only the current "
-                "fast LoRA. Export first with handle.save_pretrained(...) or LoRASC.save_merged(...)",
+                "fast LoRA. Export first with model.save_pretrained(...) or handle.save_merged(...)",
                 stacklevel=3,
             )
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        if self._noisy:
-            self.ctx.perturber.remove_source(self)
-            self._noisy = False
         self._slow.clear()
         self._std.clear()
+        self._owner.clear()
+        self._extra_targets = []
         self._stage = None
         super().on_detach()
 
-    def _make_hook(self, slot: LoraSlot):
-        layer = slot.layer
-
-        def add_slow_experts(module, args, kwargs, output):
-            slow = self._slow.get(slot.index)
-            if slow is None or layer.disable_adapters or slot.adapter not in layer.active_adapters:
-                return output
-            if kwargs.get("adapter_names") is not None:
-                raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported with LoRASC")
-            x = args[0] if args else kwargs["x"]  # (..., n_in)
-            u, v = slow  # (n_out, K), (K, n_in)
-            dtype = slot.lora_A.weight.dtype  # compute like PEFT's own LoRA term: in the adapter's dtype
-            delta = F.linear(F.linear(x.to(dtype), v.to(dtype)), u.to(dtype))  # (..., n_out)
-            return (output + delta).to(output.dtype)  # added in the wider dtype, rounded once, as PEFT does
-
-        return add_slow_experts
-
     # --- per-step events ---------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        stage = step // self.stage_length()
+        stage = self.stage_of(step)
         if self._stage is None:
             if stage > 0:
                 warnings.warn(
@@ -331,23 +370,24 @@ class LoRASC(Method):
             for slot in self.ctx.slots:
                 self._fold_fast_expert(slot)
                 # A fresh fast LoRA as PEFT creates one (init_lora_weights=True), from LoRASC's own generator.
-                a = slot.lora_A.weight
-                gen = self._pool.get(a.device, derive_seed(self.config.seed, "lorasc_init", stage, slot.index))
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-                nn.init.zeros_(slot.lora_B.weight)
+                gen = self._pool.get(slot.a_weight.device, derive_seed(self.seed, "lorasc_init", stage, slot.index))
+                slot.kind.reinit(slot, gen)
                 # Adam-style optimizers recreate missing state lazily at the next step: fresh moments and step count.
-                optimizer.state.pop(a, None)
-                optimizer.state.pop(slot.lora_B.weight, None)
+                optimizer.state.pop(slot.a_weight, None)
+                optimizer.state.pop(slot.b_weight, None)
         self._stage = stage
 
     def _fold_fast_expert(self, slot: LoraSlot) -> None:
-        """S <- S + alpha s B A (lookahead) or (1 - alpha) S + alpha s B A (ema), as factors (concatenation)."""
+        """S <- S + alpha c s B A (lookahead) or (1 - alpha) S + alpha c s B A (ema), as factors (concatenation); c is
+        the expectation of the update the expert was trained with (LoRA Dropout without rescaling: (1-p)^2)."""
         alpha = self.config.alpha
-        # A fast expert trained under LoRA Dropout without rescaling is merged as its expectation over masks,
-        # (1-p)^2 s B A (spec 5.2, "LoRASC + LoRA Dropout").
-        weight = alpha * slot.scaling * self._dropout_expectation()
-        u_new = slot.lora_B.weight.detach().to(torch.float32, copy=True).mul_(weight)  # (n_out, r)
-        v_new = slot.lora_A.weight.detach().to(torch.float32, copy=True)  # (r, n_in); A is re-initialized next
+        c = 1.0
+        for m in self.ctx.handle.methods:
+            if m is not self:
+                c *= m.expected_update_scale()
+        b, a = slot.factor_views()
+        u_new = b.detach().to(torch.float32, copy=True).mul_(alpha * slot.scaling * c)  # (n_out, r)
+        v_new = a.detach().to(torch.float32, copy=True)  # (r, n_in); A is re-initialized next
         old = self._slow.get(slot.index)
         if old is not None and self.config.slow_update == "ema":
             old = None if alpha == 1.0 else (old[0] * (1.0 - alpha), old[1])  # alpha = 1: S is the last expert
@@ -356,19 +396,15 @@ class LoRASC(Method):
         else:
             self._slow[slot.index] = (torch.cat([old[0], u_new], dim=1), torch.cat([old[1], v_new], dim=0))
 
-    def _dropout_expectation(self) -> float:
-        dropout = next((m for m in self.ctx.handle.methods if m.name == "lora_dropout"), None)
-        return 1.0 if dropout is None else dropout.expectation_scale
-
     def _bound_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = getattr(self.ctx.handle, "optimizer", None)
+        optimizer = self.ctx.handle.loop.optimizer
         if optimizer is None:
             raise RuntimeError(
                 "LoRASC resets the fast LoRA's optimizer state at each stage boundary, but no optimizer is bound: "
                 "call handle.bind_optimizer(optimizer) before training (GenLoRACallback does it for the Trainer)"
             )
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [s.name for s in self.ctx.slots if not {id(s.lora_A.weight), id(s.lora_B.weight)} <= held]
+        missing = [s.name for s in self.ctx.slots if not {id(s.a_weight), id(s.b_weight)} <= held]
         if missing:
             raise RuntimeError(
                 f"the optimizer bound to the handle does not train the LoRA weights of {missing[:3]}...: bind the "
@@ -377,66 +413,65 @@ class LoRASC(Method):
         return optimizer
 
     # --- noise source ------------------------------------------------------------------------------------------
-    def draw_for(self, slot: LoraSlot) -> UniformNoise | SummedNoise | None:
-        if not self._noisy or self._stage is None:
+    def draw_for(self, target: NoiseTarget, weight: torch.Tensor) -> UniformNoise | SummedNoise | None:
+        if not self.perturbs_base() or self._stage is None:
             return None
-        scale = self.config.noise_lambda * self._std[slot.index]
+        slot = target.slot if target.slot is not None else self.ctx.slots[0]
+        if slot.layer.disable_adapters:
+            return None  # the adapter is switched off (a reference forward): the backbone as it was
+        std = self._std.get(target.index)
+        if std is None:  # a shard outside its forward at attach: its whole weight is here now
+            std = self._std[target.index] = _weight_std(weight)
+        scale = self.config.noise_lambda * std
         if self.config.noise_mode == "transient":
-            return self._stage_draw(self._stage, slot, scale)
-        return SummedNoise([self._stage_draw(t, slot, scale) for t in range(self._stage + 1)])
+            return self._stage_draw(self._stage, target, scale)
+        return SummedNoise([self._stage_draw(t, target, scale) for t in range(self._stage + 1)])
 
-    def _stage_draw(self, stage: int, slot: LoraSlot, scale: float) -> UniformNoise:
-        return UniformNoise(derive_seed(self.config.seed, "lorasc_noise", stage, slot.index), scale, self._pool)
+    def _stage_draw(self, stage: int, target: NoiseTarget, scale: float) -> UniformNoise:
+        seed = derive_seed(self.seed, "lorasc_noise", stage, self._owner.get(target.index, target.index))
+        return UniformNoise(seed, scale, self._pool)
 
-    # --- export ------------------------------------------------------------------------------------------------
-    def export_factors(self, slot: LoraSlot, factors):
-        if self._noisy and self.config.noise_mode == "persistent":
-            raise ValueError(
-                "LoRASC with noise_mode='persistent' keeps full-rank noise in the model, which no low-rank adapter "
-                "can hold: export the dense model with LoRASC.save_merged(directory) instead"
-            )
-        return self._with_slow_experts(slot, factors)
-
-    def _with_slow_experts(self, slot: LoraSlot, factors):
+    # --- the deployed model ------------------------------------------------------------------------------------
+    def deploy_factors(self, slot: LoraSlot, factors):
+        """W + S_T: the slow experts, then the current fast expert at weight alpha (the last slow-fast update)."""
         slow = self._slow.get(slot.index)
-        return factors if slow is None else [slow, *factors]
+        alpha = self.config.alpha
+        if slow is None and alpha == 1.0:
+            return factors
+        *others, (u, v) = factors
+        kept = []
+        if slow is not None and not (self.config.slow_update == "ema" and alpha == 1.0):
+            kept = [slow] if self.config.slow_update == "lookahead" else [(slow[0] * (1.0 - alpha), slow[1])]
+        return [*others, *kept, (u * alpha, v)]
+
+    def deployable_as_adapter(self) -> str | None:
+        if self.perturbs_base() and self.config.noise_mode == "persistent":
+            return ("LoRASC with noise_mode='persistent' keeps full-rank noise in the model, which no low-rank adapter "
+                    "can hold: export the dense model with handle.save_merged(directory) instead")
+        return None
+
+    def dense_extra(self, slot: LoraSlot) -> torch.Tensor | None:
+        """The persistent stage noise of `slot` (storage layout, fp32), which the dense export merges; else None."""
+        if not (self.perturbs_base() and self.config.noise_mode == "persistent") or self._stage is None:
+            return None
+        weight = slot.dense_weight()
+        draw = self.draw_for(NoiseTarget(slot.index, slot.name, slot.base_layer, slot.kind, slot), weight)
+        out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        draw.sample_into(out, accumulate=False)
+        return out
 
     def merged_model(self) -> nn.Module:
-        """A deep copy of the base model with W + S + s*B*A (+ the persistent noise, in that mode) merged densely
-        and no LoRA layers. The live model is not touched. Costs one model copy of memory."""
-        handle = self._handle()
-        factors = {}
-        for slot in self.ctx.slots:
-            terms = [(slot.scaling * slot.lora_B.weight.detach(), slot.lora_A.weight.detach())]
-            for m in handle.methods:  # other methods' export transforms (e.g. LoRA Dropout's expectation) apply too
-                terms = self._with_slow_experts(slot, terms) if m is self else m.export_factors(slot, terms)
-            factors[slot.name] = terms
-        persistent = self._noisy and self.config.noise_mode == "persistent"
-        return merged_dense_copy(
-            self.ctx.model,
-            self.ctx.slots,
-            factors,
-            dense_extra=self.noise if persistent else None,
-            share=(handle, *handle.methods),
-        )
+        """`handle.merged_model()`: a dense copy of the deployed model."""
+        return self._handle().merged_model()
 
     def save_merged(self, directory: str | os.PathLike, **kwargs: Any) -> None:
-        """`merged_model().save_pretrained(directory, **kwargs)`: an ordinary transformers model, no PEFT needed."""
-        model = self._handle().model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not hasattr(base, "save_pretrained"):  # checked before paying for the copy
-            raise TypeError(
-                f"{type(base).__name__} has no save_pretrained; torch.save lorasc.merged_model().state_dict() instead"
-            )
-        self.merged_model().save_pretrained(directory, **kwargs)
+        """`handle.save_merged(directory)`: the deployed model as an ordinary transformers model."""
+        self._handle().save_merged(directory, **kwargs)
 
     def _handle(self):
         if self.ctx is None:
             raise RuntimeError("LoRASC is not attached to a model (or was detached, which drops its slow experts)")
-        handle = self.ctx.handle
-        if handle.in_step:
-            raise RuntimeError("export between steps, not in the middle of one")
-        return handle
+        return self.ctx.handle
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -453,13 +488,39 @@ class LoRASC(Method):
         slow = {}
         for index, (u, v) in state["slow"].items():
             slot = self.ctx.slots[int(index)]
-            n_out, n_in = slot.base_layer.weight.shape
+            b, a = slot.factor_views()
+            n_out, n_in = b.shape[0], a.shape[1]
             if u.shape[0] != n_out or v.shape[1] != n_in or u.shape[1] != v.shape[0]:
                 raise ValueError(f"saved slow experts of {slot.name!r} do not fit its ({n_out}, {n_in}) weight")
-            device = slot.lora_A.weight.device
+            device = a.device
             slow[slot.index] = (u.to(device, torch.float32), v.to(device, torch.float32))
         self._slow = slow
         self._stage = stage
+
+
+def _other_frozen_layers(model: nn.Module, slots: list[LoraSlot]) -> list[NoiseTarget]:
+    """Every frozen layer of a mapped kind that is not a LoRA slot's base layer nor inside a LoRA branch (NoisyTune
+    perturbs all the model's matrices), in module order; indices continue after the slots'."""
+    from peft.tuners.lora import LoraLayer
+
+    taken = {id(s.base_layer) for s in slots}
+    inside_lora = set()
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+                container = getattr(m, name, None)
+                if container is not None:
+                    inside_lora.update(id(x) for x in container.modules())
+    targets = []
+    for name, m in model.named_modules():
+        if id(m) in taken or id(m) in inside_lora or isinstance(m, LoraLayer):
+            continue
+        kind = kind_of_base(m)
+        weight = getattr(m, "weight", None)
+        if kind is None or weight is None or getattr(weight, "requires_grad", True):
+            continue
+        targets.append(NoiseTarget(len(slots) + len(targets), name, m, kind, None))
+    return targets
 
 
 @torch.no_grad()
@@ -471,4 +532,4 @@ def _weight_std(weight: torch.Tensor, chunk: int = 1 << 22) -> float:
         return 0.0
     mean = sum(c.double().sum() for c in flat.split(chunk)) / n
     sq = sum((c.double() - mean).pow_(2).sum() for c in flat.split(chunk))
-    return math.sqrt(float(sq) / (n - 1))
+    return float((float(sq) / (n - 1)) ** 0.5)

@@ -1,6 +1,7 @@
-"""RM-LoRA: regularized and masked LoRA (Mao et al., arXiv 2407.12074; official code yz-mao/RM-LoRA).
+"""RM-LoRA: regularized and masked LoRA (Mao et al., arXiv 2407.12074; official code yz-mao/RM-LoRA;
+docs/methods.md, "RM-LoRA").
 
-Two mechanisms that raise the intrinsic dimension (effective rank) of the learned update (spec section 1):
+Two mechanisms that raise the intrinsic dimension (effective rank) of the learned update:
 
 1. Orthogonality regularizer (`Custom_Trainer.compute_loss` -> `compute_svd_orth_regu`), added to every loss:
 
@@ -21,10 +22,11 @@ from typing import Any
 
 import torch
 
-from ..config import MethodConfig, check_choice, check_int, check_range
+from ..config import MethodConfig, check_bool, check_choice, check_int, check_range, check_seed
 from ..core.lora_layers import LoraSlot
-from ..core.method import AttachContext, Method
+from ..core.method import AttachContext, Method, Phase
 from ..core.seeding import derive_seed
+from ..registry import register_method
 
 VARIANTS = ("v1", "v2")
 MASK_TARGETS = ("gradient", "update")
@@ -67,7 +69,11 @@ class RMLoRAConfig(MethodConfig):
         default=1,
         metadata={"help": "First optimizer step (0-based) that is masked; the official code skips step 0."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of RM-LoRA's own rank-sampling generator."})
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of RM-LoRA's own rank-sampling generator; None: derived from torch.initial_seed() "
+                          "at attach, recorded in genlora_config.json."},
+    )
 
     def __post_init__(self):
         check_range("reg_lambda", self.reg_lambda, low=0.0)
@@ -75,10 +81,9 @@ class RMLoRAConfig(MethodConfig):
             check_int("k", self.k, low=1)
         check_choice("variant", self.variant, VARIANTS)
         check_choice("mask_target", self.mask_target, MASK_TARGETS)
-        if not isinstance(self.mask_all_trainable, bool):
-            raise TypeError(f"mask_all_trainable must be a bool, got {self.mask_all_trainable!r}")
+        check_bool("mask_all_trainable", self.mask_all_trainable)
         check_int("mask_start_step", self.mask_start_step, low=0)
-        check_int("seed", self.seed, low=0)
+        check_seed("seed", self.seed)
 
 
 def orthogonality_regularizer(slots: list[LoraSlot]) -> torch.Tensor:
@@ -87,8 +92,8 @@ def orthogonality_regularizer(slots: list[LoraSlot]) -> torch.Tensor:
 
 
 def _factor_views(r: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A as (r, n_in) and B as (n_out, r): Conv's trailing kernel dims folded into n_in, B's trailing 1x1 dropped.
-    Linear factors are already 2-D and are used as they are (no view op, no extra autograd node)."""
+    """A as (r, n_in) and B as (n_out, r) (core/layers.py's view): Conv's kernel dims folded into n_in, B's trailing
+    1x1 dropped. Linear and Embedding factors are already 2-D and are used as they are (no extra autograd node)."""
     return (a if a.dim() == 2 else a.reshape(r, -1)), (b if b.dim() == 2 else b.reshape(b.shape[0], r))
 
 
@@ -145,11 +150,12 @@ class _MaskGroup:
         return keep.reshape(keep.shape[0], *shape).expand(keep.shape[0], *like.shape)
 
 
+@register_method
 class RMLoRA(Method):
     """RM-LoRA (arXiv 2407.12074). Options: see `RMLoRAConfig`."""
 
     config_class = RMLoRAConfig
-    order = 40
+    phase = Phase.GRADIENT  # the mask acts on the step's clipped gradients, after everything else drew
     config: RMLoRAConfig
 
     def __init__(self, config: RMLoRAConfig | None = None, **options):
@@ -164,14 +170,13 @@ class RMLoRA(Method):
         self._saved_for_update_mask: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.last_keep: list[tuple[torch.Tensor, torch.Tensor]] = []  # per slot (keep_A, keep_B), bool (r,)
 
-    @property
-    def has_regularizer(self) -> bool:
+    def adds_loss_term(self) -> bool:
         return self.config.reg_lambda > 0
 
     def k_for(self, slot: LoraSlot) -> int:
         return self.config.k if self.config.k is not None else max(1, slot.r // 2)
 
-    def validate(self, model, slots: list[LoraSlot]) -> None:
+    def validate(self, model, slots: list[LoraSlot], others) -> None:
         for slot in slots:
             if self.config.k is not None and self.config.k > slot.r:
                 raise ValueError(f"k must be in [1, r] = [1, {slot.r}] for LoRA layer {slot.name!r}, got {self.config.k}")
@@ -219,7 +224,7 @@ class RMLoRA(Method):
         self._refresh()
 
     def regularizer(self) -> torch.Tensor | None:
-        if not self.has_regularizer:
+        if not self.adds_loss_term():
             return None
         return self.config.reg_lambda * _batched_regularizer(self._factors)
 
@@ -228,7 +233,7 @@ class RMLoRA(Method):
         (columns past r_i are False); v1: keep_B is keep_A. The draws are those of the official-style loop (one
         generator per step; per slot `randperm(r)[:k]` for A, then for B in v2), written with one scatter per rank
         group instead of an indexed assignment per slot."""
-        gen = torch.Generator().manual_seed(derive_seed(self.config.seed, "rm_lora", step))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "rm_lora", step))
         v2 = self.config.variant == "v2"
         idx_a, idx_b = [], []
         for r, k in zip(self._rs, self._ks):
@@ -283,7 +288,7 @@ class RMLoRA(Method):
         self.last_keep = self._per_slot(keep_a, keep_b)
         # Gradients the handle let through are finite (its on_nonfinite check), so multiplying by 0/1 zeroes exactly
         # what `grad[drop] = 0` zeroed; with on_nonfinite="off" a NaN/inf may remain, so index-fill instead.
-        exact = getattr(self.ctx.handle, "on_nonfinite", "off") == "off"
+        exact = self.ctx.handle.on_nonfinite == "off"
         strict = self.config.mask_target == "update"
         device_masks = self._device_masks(keep_a, keep_b)
         for group, keep in zip(self._mask_groups, device_masks):
