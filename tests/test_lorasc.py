@@ -754,3 +754,47 @@ def test_failed_begin_step_can_be_retried():
         handle.begin_step()
     handle.bind_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     handle.begin_step()  # not "called twice"
+
+
+def test_noise_scope_all_perturbs_every_frozen_matrix_exactly_and_tied_weights_alike():
+    """NoisyTune perturbs all of a model's matrices: with noise_scope='all' the frozen embedding and lm_head (not
+    LoRA-adapted here, and tied) get the stage noise in training forwards, exactly and transiently; a tied weight gets
+    one noise wherever it is used."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config()
+    cfg.tie_word_embeddings = True
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    inner = model.base_model.model
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    before = base_weights(model)
+    lorasc = LoRASC(stage_steps=2, noise_lambda=0.2, noise_scope="all", seed=1)
+    handle = genlora.attach(model, lorasc, optimizer=adam(model))
+    names = {t.name for t in handle.perturber.targets}
+    assert {"base_model.model.lm_head", "base_model.model.model.embed_tokens"} <= names
+    assert "base_model.model.model.layers.0.self_attn.k_proj" in names  # a frozen Linear without LoRA
+    model.train()
+    handle.begin_step()
+    emb, head = inner.model.embed_tokens, inner.lm_head
+    targets = {t.name: t for t in handle.perturber.targets}
+    t_emb, t_head = targets["base_model.model.model.embed_tokens"], targets["base_model.model.lm_head"]
+    owner = t_emb.index  # the embedding comes first in module order: its index seeds the tied weight's noise
+    w = emb.weight
+    g = torch.Generator().manual_seed(derive_seed(1, "lorasc_noise", 0, owner))
+    xi = (torch.rand(w.shape, generator=g) - 0.5) * (0.2 * w.double().std().item())
+    ids = torch.randint(1, 64, (2, 5))
+    assert torch.equal(emb(ids), F.embedding(ids, w + xi.float()))
+    h = torch.randn(2, 5, 32)
+    assert torch.equal(head(h), F.linear(h, w + xi.float()))  # the same noise on the tied weight
+    assert t_head.index != owner and lorasc._owner[t_head.index] == owner
+    emb.eval(), head.eval()
+    assert torch.equal(emb(ids), F.embedding(ids, w)) and torch.equal(head(h), F.linear(h, w))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    handle.optimizer_step(handle.optimizer)
+    assert all(torch.equal(before[k], v) for k, v in base_weights(model).items())
+    other = make_llama_peft()  # the default scope: the LoRA layers' base weights only
+    lora_only = genlora.attach(other, LoRASC(stage_steps=2, noise_lambda=0.2), optimizer=adam(other))
+    assert [t.module for t in lora_only.perturber.targets] == [s.base_layer for s in lora_only.slots]

@@ -161,3 +161,96 @@ def test_k_bounds_checked_per_layer():
         genlora.attach(model, genlora.RMLoRA(k=5))
     with pytest.raises(ValueError, match="k must be in"):
         genlora.RMLoRA(k=0)
+
+
+# --- the regularizer's weight under the Trainer's gradient accumulation ----------------------------------------------
+def _reg_to_task_update_ratio(kind: str, accum: int, tmp_path) -> float:
+    """||update from lambda*R|| / ||update from the task loss|| of one SGD step (lr 1, no clipping) over the same 4
+    examples, as 1 batch of 4 or `accum` accumulated micro-batches. SGD is linear in the gradient, so the
+    regularizer's part of the update is the difference of the runs with and without it."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from conftest import ListDataset, make_llama_peft
+
+    def model_and_data():
+        if kind == "llama":  # normalizes its loss by num_items_in_batch
+            model = make_llama_peft(seed=0)
+            g = torch.Generator().manual_seed(3)
+            data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 64, (4, 6), generator=g)]
+        else:  # BERT's classifier ignores num_items_in_batch (its loss is a per-batch mean)
+            torch.manual_seed(0)
+            cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0)
+            model = get_peft_model(BertForSequenceClassification(cfg),
+                                   LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                              init_lora_weights="gaussian"))
+            g = torch.Generator().manual_seed(3)
+            data = [{"input_ids": ids, "labels": torch.tensor(i % 2)}
+                    for i, ids in enumerate(torch.randint(1, 64, (4, 6), generator=g))]
+        return model, data
+
+    def step(reg_lambda):
+        model, data = model_and_data()
+        before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        handle = genlora.attach(model, genlora.RMLoRA(k=4, reg_lambda=reg_lambda, seed=0))  # k = r: no masking
+        args = TrainingArguments(output_dir=str(tmp_path / f"{kind}{accum}{reg_lambda}"), max_steps=1,
+                                 per_device_train_batch_size=4 // accum, gradient_accumulation_steps=accum,
+                                 learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+                                 weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=ListDataset(data),
+                callbacks=[genlora.GenLoRACallback(handle)]).train()
+        after = get_peft_model_state_dict(model)
+        keys = [k for k in before if "lora_" in k]
+        return torch.cat([(after[k] - before[k]).flatten() for k in keys])
+
+    with_reg, task_only = step(0.5), step(0.0)
+    return ((with_reg - task_only).norm() / task_only.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_regularizer_weight_per_step_does_not_depend_on_the_models_loss_code(kind, tmp_path):
+    """With gradient accumulation the Trainer passes num_items_in_batch; BERT ignores it (its micro-batch losses are
+    summed as means), a causal LM divides by it. Either way lambda keeps its weight relative to the task loss."""
+    one = _reg_to_task_update_ratio(kind, 1, tmp_path)
+    four = _reg_to_task_update_ratio(kind, 4, tmp_path)
+    assert one > 0.01
+    assert four == pytest.approx(one, rel=1e-3)
+
+
+def test_embedding_lora_trains_and_saves(tmp_path):
+    """RM-LoRA on an Embedding LoRA (lora_embedding_A/B): masks its rank components and saves a loadable adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from torch import nn
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids)).mean(1)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Emb(), LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "out"]))
+    rm = genlora.RMLoRA(k=2, reg_lambda=0.1, mask_start_step=0)
+    handle = genlora.attach(model, rm)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, 20, (4, 5))
+    for _ in range(2):
+        handle.begin_step()
+        handle.loss(model(ids).pow(2).mean()).backward()
+        handle.pre_optimizer_step()
+        emb_slot = handle.slots[0]
+        assert emb_slot.is_embedding and int((emb_slot.a_weight.grad.abs().sum(1) > 0).sum()) == 2
+        opt.step()
+        handle.post_optimizer_step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(Emb(), tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))

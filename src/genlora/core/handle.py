@@ -844,14 +844,12 @@ class GenLoRAHandle:
         if self.in_step:
             raise RuntimeError("export between steps, not in the middle of one")
         factors = {s.name: self.deployed_factors(s) for s in self.slots}
-        extras = [m for m in self.methods if hasattr(m, "dense_extra")]
 
         def dense_extra(slot):
-            parts = [t for t in (m.dense_extra(slot) for m in extras) if t is not None]
+            parts = [t for t in (m.dense_extra(slot) for m in self.methods) if t is not None]
             return sum(parts) if parts else None
 
-        return merged_dense_copy(self.model, self.slots, factors, dense_extra=dense_extra if extras else None,
-                                 share=(self, *self.methods))
+        return merged_dense_copy(self.model, self.slots, factors, dense_extra=dense_extra, share=(self, *self.methods))
 
     def save_merged(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         """`merged_model().save_pretrained(directory, **kwargs)`: an ordinary transformers model, no PEFT needed."""

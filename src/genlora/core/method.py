@@ -161,6 +161,11 @@ class Method:
         unchanged (return the same list object: the handle then knows the deployed model is the live one)."""
         return factors
 
+    def dense_extra(self, slot: LoraSlot) -> torch.Tensor | None:
+        """A full-rank term of the deployed model of `slot` (W's storage layout, fp32) that no adapter can hold
+        (LoRASC's persistent noise); `merged_model()` adds it. Default None."""
+        return None
+
     def deployable_as_adapter(self) -> str | None:
         """None if the deployed model is a sum of low-rank terms (a plain PEFT adapter holds it); else the reason
         it is not (LoRASC's persistent full-rank noise), which save paths raise."""

@@ -2,7 +2,7 @@
 as a Sparsity Regularizer for Overfitting Control", arXiv 2404.09610; docs/methods.md, "LoRA Dropout").
 
 For every LoRA module, Bernoulli keep-masks are drawn over the input dimension of A and the output dimension of B
-(paper Sec. 3; spec section 4.1). The rank dimension is never dropped: that would lower the rank, not sparsify ΔW.
+(paper Sec. 3). The rank dimension is never dropped: that would lower the rank, not sparsify ΔW.
 
     Â = A · diag(m_A),   m_A ∈ {0,1}^{n_in}  ~ Bern(1 − p)
     B̂ = diag(m_B) · B,   m_B ∈ {0,1}^{n_out} ~ Bern(1 − p)
