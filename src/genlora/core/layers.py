@@ -155,7 +155,9 @@ class ConvKind(LayerKind):
 
     @staticmethod
     def matches(layer, base):
-        return isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        # groups > 1: PEFT's lora_A then sees all input channels while each filter sees in/groups of them, so
+        # s*B*A is not a (out, in/groups * k) update of W (and LoRA's B is grouped): not mapped, refused.
+        return isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base.groups == 1
 
     def factor_views(self, slot):
         r = slot.r
