@@ -128,7 +128,7 @@ def test_missed_calls_raise():
     handle.begin_step()
     loss = model(x).pow(2).mean()  # the model returns no .loss: the regularizer must be added by hand
     loss.backward()
-    with pytest.raises(RuntimeError, match="reached no loss"):
+    with pytest.raises(RuntimeError, match="reached no backpropagated loss"):
         handle.pre_optimizer_step()
     with pytest.raises(RuntimeError, match="begin_step\\(\\) called twice"):
         handle.begin_step()
@@ -206,3 +206,36 @@ def test_save_pretrained_writes_config_and_load_methods(tmp_path):
     methods = genlora.load_methods(tmp_path)  # rebuilt with the run's seeds pinned
     assert [m.config.to_dict() for m in methods] == [m.resolved_config() for m in handle.methods]
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporary files
+
+
+def test_multiple_adapters_only_the_named_one_is_touched_and_a_switch_mid_run_raises(tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    model = make_llama_peft()
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                          task_type="CAUSAL_LM"))
+    model.set_adapter("default")
+    other = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name="other").items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    handle = genlora.attach(model, FlatLoRA(sigma=0.1), RMLoRA(k=2), genlora.LoRASC(stage_steps=2),
+                            genlora.LoRADropout(p=0.2, deploy="merged_expectation"), total_steps=4, optimizer=opt)
+    assert handle.adapter_name == "default" and all(s.adapter == "default" for s in handle.slots)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(3):
+        ids = torch.randint(1, 64, (2, 6), generator=g)
+        handle.begin_step()
+        model(input_ids=ids, labels=ids).loss.backward()
+        handle.optimizer_step(opt)
+        opt.zero_grad()
+    after = get_peft_model_state_dict(model, adapter_name="other")
+    assert all(torch.equal(other[k], after[k]) for k in other)  # the other adapter: bit-identical
+    model.save_pretrained(tmp_path)  # both adapters; ours as its deployed model
+    model.set_adapter("other")
+    with pytest.raises(RuntimeError, match="active adapter"):
+        handle.begin_step()
+    assert not handle.in_step
+    model.set_adapter("default")
+    handle.begin_step()  # back on the adapter genlora acts on: the run continues
+    loaded = PeftModel.from_pretrained(make_llama_peft().unload(), tmp_path / "other", adapter_name="other")
+    assert set(get_peft_model_state_dict(loaded, adapter_name="other")) == set(other)

@@ -134,7 +134,7 @@ def test_trainer_without_model_loss_fails_clearly(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
                              use_cpu=True, save_strategy="no", label_smoothing_factor=0.1)
     trainer = Trainer(model=model, args=args, train_dataset=ListDataset(examples), callbacks=[genlora.GenLoRACallback(handle)])
-    with pytest.raises(RuntimeError, match="reached no loss"):
+    with pytest.raises(RuntimeError, match="reached no backpropagated loss"):
         trainer.train()
 
 

@@ -180,8 +180,11 @@ class GenLoRAHandle:
         self.skipped_steps: list[int] = []  # steps whose update was skipped for non-finite gradients
         self.base_checksums: dict[str, tuple[int, int]] | None = None
         self._phase = _Phase.IDLE
-        self._reg_in_outputs = 0
-        self._reg_by_hand = 0
+        # The regularizer terms of the step, by where they were added ("outputs": the model's returned loss,
+        # "hand": handle.loss), and how many of each reached a backward (a gradient hook on the term counts it):
+        # only a term that was backpropagated was in the objective.
+        self._reg_terms: list[torch.Tensor] = []
+        self._reg_backprops = {"outputs": 0, "hand": 0}
         self._requirements_checked = False
         self._loss_normalized_by_items: bool | None = None  # num_items_in_batch probe result (see _regularizer_share)
         self._seeds_synced = False
@@ -304,7 +307,8 @@ class GenLoRAHandle:
         self._check_active_adapter()
         self._sync_seeds()
         self._phase = _Phase.FORWARD
-        self._reg_in_outputs = self._reg_by_hand = 0
+        self._reg_terms = []
+        self._reg_backprops = {"outputs": 0, "hand": 0}
         self.forward_index = -1
         self.instance = None
         try:
@@ -359,13 +363,30 @@ class GenLoRAHandle:
         reg = self.regularizer()
         if reg is None:
             return loss
-        self._reg_by_hand += 1
-        return loss + (reg * share).to(loss.dtype)
+        return loss + self._track(reg * share, "hand").to(loss.dtype)
+
+    def _track(self, term: torch.Tensor, where: str) -> torch.Tensor:
+        if term.requires_grad:
+            def backpropagated(grad, _where=where):
+                self._reg_backprops[_where] += 1
+
+            term.register_hook(backpropagated)
+            self._reg_terms.append(term)
+        return term
+
+    def regularizer_in(self, loss: torch.Tensor, since: int = 0) -> bool:
+        """Whether `loss` depends on a regularizer term added in this step (the `since`-th and later): the
+        objective a trainer backpropagates may not be the model's returned loss (TRL's DPO)."""
+        terms = self._reg_terms[since:]
+        if not terms or not loss.requires_grad:
+            return False
+        grads = torch.autograd.grad(loss, terms, retain_graph=True, allow_unused=True)
+        return any(g is not None for g in grads)
 
     @property
-    def regularizer_count(self) -> int:
-        """How often the step's regularizer reached a loss so far in this step (model outputs and handle.loss)."""
-        return self._reg_in_outputs + self._reg_by_hand
+    def regularizer_terms(self) -> int:
+        """Regularizer terms added so far in this step (model outputs and handle.loss)."""
+        return len(self._reg_terms)
 
     def pre_optimizer_step(self) -> None:
         """After backward and gradient clipping, right before `optimizer.step()`."""
@@ -373,12 +394,14 @@ class GenLoRAHandle:
         if self._phase is not _Phase.FORWARD:
             raise RuntimeError(f"pre_optimizer_step() needs begin_step() first (the handle is {self._phase.value})")
         if self._has_regularizer():
-            if self._reg_in_outputs == 0 and self._reg_by_hand == 0:
+            if self._reg_backprops["outputs"] == 0 and self._reg_backprops["hand"] == 0:
                 raise RuntimeError(
-                    "an attached method adds a loss term, but it reached no loss in this step: the model returned "
-                    "no `loss`, so compute `loss = handle.loss(your_loss)` before backward"
+                    "an attached method adds a loss term, but it reached no backpropagated loss in this step: the "
+                    "model returned no `loss`, or the loss you backpropagated is not the model's (a custom or TRL "
+                    "loss): compute `loss = handle.loss(your_loss)` before backward, or train with "
+                    "genlora.GenLoRATrainerMixin"
                 )
-            if self._reg_in_outputs and self._reg_by_hand:
+            if self._reg_backprops["outputs"] and self._reg_backprops["hand"]:
                 raise RuntimeError(
                     "the regularizer was added twice: the model's returned loss already contains it, so do not "
                     "also pass that loss through handle.loss()"
@@ -496,16 +519,16 @@ class GenLoRAHandle:
     _probing = False
 
     def _forward_hook(self, module, args, kwargs, output):
-        if not module.training or self._probing or not self._has_regularizer():
-            return output
+        if not module.training or self._probing or not torch.is_grad_enabled() or not self._has_regularizer():
+            return output  # (no_grad: a reference forward, nothing to backpropagate)
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is None:
             return output
         reg = self.regularizer()
         if reg is None:
             return output
-        output["loss"] = loss + (reg * self._regularizer_share(module, args, kwargs)).to(loss.dtype)
-        self._reg_in_outputs += 1
+        term = self._track(reg * self._regularizer_share(module, args, kwargs), "outputs")
+        output["loss"] = loss + term.to(loss.dtype)
         return output
 
     def _regularizer_share(self, module, args, kwargs) -> float:

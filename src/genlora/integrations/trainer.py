@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from ..core.handle import GENLORA_STATE_NAME, GenLoRAHandle
@@ -147,10 +148,12 @@ class GenLoRATrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         handle = self.genlora_handle
-        before = handle.regularizer_count if handle.in_step else None
+        since = handle.regularizer_terms if handle.in_step else None
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, outputs = result if return_outputs else (result, None)
-        if before is not None and model.training and handle.regularizer_count == before:
+        if (since is not None and model.training and torch.is_grad_enabled() and handle._has_regularizer()
+                and not handle.regularizer_in(loss, since)):
+            # the loss was not built on the model's returned loss (a custom loss, label smoothing, TRL's DPO)
             loss = handle.loss(loss, share=self._genlora_regularizer_share(kwargs.get("num_items_in_batch")))
         inst = self._genlora_instance
         if inst is not None:

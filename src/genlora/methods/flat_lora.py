@@ -287,6 +287,8 @@ class FlatLoRA(Method):
         stds = {}
         for group in self._groups:
             weights = [_lin_weight(s) for s in group.slots]
+            if not all(_is_whole(w) for w in weights):
+                continue  # sharded since attach (FSDP2 / ZeRO-3): computed in the layers' forwards (`_lazy_std`)
             factors = [handle.live_factors(s) for s in group.slots]  # [(s*B, A)], after LoRASC's slow experts
             us = [torch.cat([f[0] for f in fs], dim=1) if len(fs) > 1 else fs[0][0] for fs in factors]
             vs = [torch.cat([f[1] for f in fs], dim=0) if len(fs) > 1 else fs[0][1] for fs in factors]

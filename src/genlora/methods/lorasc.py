@@ -366,6 +366,11 @@ class LoRASC(Method):
     def _start_stage(self, stage: int) -> None:
         """The stage boundary: fold the fast expert into S, re-initialize it, and drop its optimizer state."""
         optimizer = self._bound_optimizer()  # checked before anything changes
+        if any(type(s.a_weight).__name__ == "DTensor" for s in self.ctx.slots):
+            raise ValueError(
+                "LoRASC rewrites the fast LoRA at stage boundaries and keeps its slow experts whole, but the LoRA "
+                "parameters were sharded after attach (FSDP2 / ZeRO-3): train LoRASC with DDP"
+            )
         with torch.no_grad():
             for slot in self.ctx.slots:
                 self._fold_fast_expert(slot)

@@ -104,7 +104,7 @@ def _batched_regularizer(factors: list[tuple[int, torch.Tensor, torch.Tensor]]) 
     order of the final mean's summation differs."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for r, a, b in factors:
-        a2, b2 = _factor_views(r, a, b)
+        a2, b2 = _factor_views(r, _whole(a), _whole(b))
         groups.setdefault(("A", tuple(a2.shape), a2.dtype, a2.device), []).append(a2)
         groups.setdefault(("B", tuple(b2.shape), b2.dtype, b2.device), []).append(b2)
     norms = []
@@ -117,6 +117,28 @@ def _batched_regularizer(factors: list[tuple[int, torch.Tensor, torch.Tensor]]) 
         eye = torch.eye(gram.shape[-1], device=device, dtype=dtype)
         norms.append(torch.linalg.matrix_norm(gram - eye))  # (G,)
     return torch.cat(norms).mean()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) factor gathered, differentiably (its gradient flows back to the local shard); LoRA
+    factors are small, so this costs little. Plain tensors are returned as they are."""
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def _like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`mask` (t's global shape, or broadcastable to it) as a tensor that multiplies `t`: for a sharded DTensor,
+    the mask sharded the same way, cut from the full mask every rank holds (the masks are drawn identically on all
+    ranks), without communication."""
+    if type(t).__name__ != "DTensor":
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+
+    full = mask.expand(t.shape).to(t.dtype).contiguous()
+    return distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+
+
+def _sharded(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 def _owner(slot: LoraSlot, which: str) -> tuple[Any, str]:
@@ -293,7 +315,10 @@ class RMLoRA(Method):
         device_masks = self._device_masks(keep_a, keep_b)
         for group, keep in zip(self._mask_groups, device_masks):
             present = [(p, m) for p, m in zip(group.params, keep.unbind(0)) if p.grad is not None]
-            if present:
+            if present and _sharded(present[0][0].grad):
+                for p, m in present:  # FSDP2: each rank masks its shard of the gradient
+                    p.grad.mul_(_like(self._broadcast(group, m, p), p.grad))
+            elif present:
                 grads = [p.grad for p, _ in present]
                 if exact:
                     for g, m in zip(grads, [m for _, m in present]):
@@ -304,7 +329,10 @@ class RMLoRA(Method):
                     torch._foreach_mul_(grads, list(masks.unbind(0)))
             if strict:
                 for p, m in zip(group.params, keep.unbind(0)):
-                    self._saved_for_update_mask.append((p, p.detach().clone(), self._broadcast(group, m, p)))
+                    keep_p = self._broadcast(group, m, p)
+                    if _sharded(p):
+                        keep_p = _like(keep_p, p).bool()
+                    self._saved_for_update_mask.append((p, p.detach().clone(), keep_p))
         if self.config.mask_all_trainable:
             lora_params = {id(p) for _, a, b in self._factors for p in (a, b)}
             others = [
