@@ -75,6 +75,29 @@ def test_readme_plain_loop_runs_verbatim_and_learns(tmp_path, monkeypatch):
     assert (tmp_path / "my-adapter" / genlora.GENLORA_CONFIG_NAME).exists()
 
 
+def test_readme_accelerate_loop_runs_verbatim_and_learns(tmp_path, monkeypatch):
+    base_model = learnable_base()
+    num_steps = 40
+    examples = [{k: v[i] for k, v in b.items()} for b in pattern_batches(num_steps) for i in range(8)]
+    train_loader = torch.utils.data.DataLoader(ListDataset(examples), batch_size=8)
+    held_out = pattern_batches(4, seed=99)
+    loss_before = eval_loss(base_model, held_out)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"base_model": base_model, "num_steps": num_steps, "train_loader": train_loader}
+    exec(readme_block("accelerate-example"), namespace)
+    handle, accelerator = namespace["handle"], namespace["accelerator"]
+    model = accelerator.unwrap_model(namespace["model"])
+    assert handle.global_step == num_steps and handle.passes_per_batch() == 2
+    assert eval_loss(model, held_out) < 0.8 * loss_before
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(learnable_base(), tmp_path / "my-adapter")
+    ids = held_out[0]["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_trainer_with_grad_accumulation_and_clipping(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
