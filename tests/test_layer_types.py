@@ -188,7 +188,7 @@ def _train(model, kind: Kind, setup, steps=4):
         if handle is not None:
             handle.begin_step()
         loss = _loss(model(**kind.inputs(i)))
-        (handle.loss(loss) if handle is not None and handle._has_regularizer() else loss).backward()
+        (handle.loss(loss) if handle is not None and handle.objective.active else loss).backward()
         if handle is not None:
             handle.optimizer_step(opt)
         else:

@@ -60,7 +60,7 @@ def spy_backprops(handle):
     original = handle.pre_optimizer_step
 
     def spy():
-        seen.append((handle._reg_backprops["outputs"], handle._reg_backprops["hand"]))
+        seen.append((handle.objective.backprops["outputs"], handle.objective.backprops["hand"]))
         original()
 
     handle.pre_optimizer_step = spy

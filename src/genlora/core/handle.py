@@ -2,34 +2,31 @@
 drives them step by step (from a plain loop or from the Trainer callback) and takes them off again.
 
 The handle owns the step protocol (begin_step -> forwards/backwards -> clipping -> optimizer_step), the loop facts
-the methods declared they need (`LoopInfo`), and one rule: **the deployed model is the model**. Every way a user
-saves or evaluates (handle.save_pretrained, model.save_pretrained, Trainer.save_model and checkpoints, eval-mode
-forwards, merged_model) gives the model the attached methods define (docs/methods.md, "The deployed model").
+the methods declared they need (`LoopInfo`), the objective's extra terms, the run's state and seeds. What the run's
+model is, whatever the save path, is `core/deployment.py`'s.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..config import check_choice, check_int
+from .deployment import GENLORA_CONFIG_NAME, GENLORA_STATE_NAME, Deployment
+from .files import base_checksums, write_atomic, write_json_atomic  # noqa: F401 - re-exported
 from .lora_layers import LoraSlot, find_lora_slots, resolve_adapter
 from .method import AttachContext, Factors, Method, Requirement
+from .objective import ObjectiveTerms, loss_of
 from .perturbed_linear import BaseWeightPerturber, NoiseTarget
 from .seeding import derive_seed
 
-GENLORA_CONFIG_NAME = "genlora_config.json"
-GENLORA_STATE_NAME = "genlora_state.pt"
 NONFINITE_POLICIES = ("skip", "raise", "off")
 _STATE_FORMAT = 2
 
@@ -180,13 +177,8 @@ class GenLoRAHandle:
         self.skipped_steps: list[int] = []  # steps whose update was skipped for non-finite gradients
         self.base_checksums: dict[str, tuple[int, int]] | None = None
         self._phase = _Phase.IDLE
-        # The regularizer terms of the step, by where they were added ("outputs": the model's returned loss,
-        # "hand": handle.loss), and how many of each reached a backward (a gradient hook on the term counts it):
-        # only a term that was backpropagated was in the objective.
-        self._reg_terms: list[torch.Tensor] = []
-        self._reg_backprops = {"outputs": 0, "hand": 0}
+        self.objective = ObjectiveTerms(self.methods)  # the regularizers' terms of the step
         self._requirements_checked = False
-        self._loss_normalized_by_items: bool | None = None  # num_items_in_batch probe result (see _regularizer_share)
         self._seeds_synced = False
         self._resolve_seeds()
         targets = [NoiseTarget(s.index, s.name, s.base_layer, s.kind, s) for s in slots if s.kind is not None]
@@ -201,12 +193,7 @@ class GenLoRAHandle:
             model.register_forward_pre_hook(self._pre_forward_hook),
             model.register_forward_hook(self._forward_hook, with_kwargs=True),
         ]
-        self._delta_hooks_on = any(m.adds_delta_terms() for m in self.methods)
-        if self._delta_hooks_on:
-            for s in slots:
-                self._hooks.append(s.layer.register_forward_hook(self._make_delta_hook(s), with_kwargs=True))
-        self._patched: dict[str, object] = {}
-        self._patch_peft_methods()
+        self.deployment = Deployment(self)
         for s in slots:
             _ATTACHED_LAYERS.add(s.layer)
         self._attached = True
@@ -281,16 +268,11 @@ class GenLoRAHandle:
 
     def deployed_factors(self, slot: LoraSlot) -> Factors:
         """Low-rank terms of the deployed model of `slot` (what every save path writes and eval forwards compute)."""
-        return self._deployed(slot)[0]
+        return self.deployment.factors(slot)[0]
 
-    def _deployed(self, slot: LoraSlot) -> tuple[Factors, bool, tuple[torch.Tensor, torch.Tensor]]:
-        """(deployed terms, whether they differ from the trained adapter's one term, that term)."""
-        raw = slot.trained_factors()
-        plain: Factors = [raw]
-        terms = plain
-        for m in self.methods:
-            terms = m.deploy_factors(slot, terms)
-        return terms, terms is not plain, raw
+    def transforms_model(self) -> bool:
+        """Whether the model the methods define differs from PEFT's view of the live adapter."""
+        return self.deployment.differs_from_peft()
 
     # --- step protocol -----------------------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -307,8 +289,7 @@ class GenLoRAHandle:
         self._check_active_adapter()
         self._sync_seeds()
         self._phase = _Phase.FORWARD
-        self._reg_terms = []
-        self._reg_backprops = {"outputs": 0, "hand": 0}
+        self.objective.begin_step()
         self.forward_index = -1
         self.instance = None
         try:
@@ -350,62 +331,31 @@ class GenLoRAHandle:
 
     def regularizer(self) -> torch.Tensor | None:
         """Sum of the attached methods' objective terms (e.g. RM-LoRA's lambda * R(A, B)); None if there are none."""
-        terms = [t for t in (m.regularizer() for m in self.methods if m.adds_loss_term()) if t is not None]
-        if not terms:
-            return None
-        return terms[0] if len(terms) == 1 else torch.stack([t.float() for t in terms]).sum()
+        return self.objective.value()
 
     def loss(self, loss: torch.Tensor, share: float = 1.0) -> torch.Tensor:
         """`loss` plus the regularizers (times `share`: this loss's part of the step's objective, e.g. 1/n for one of
         n accumulated micro-batch losses that are each divided by n): use this when you compute the loss yourself
         instead of the model."""
         self._require_step()
-        reg = self.regularizer()
-        if reg is None:
-            return loss
-        return loss + self._track(reg * share, "hand").to(loss.dtype)
-
-    def _track(self, term: torch.Tensor, where: str) -> torch.Tensor:
-        if term.requires_grad:
-            def backpropagated(grad, _where=where):
-                self._reg_backprops[_where] += 1
-
-            term.register_hook(backpropagated)
-            self._reg_terms.append(term)
-        return term
+        return self.objective.add(loss, share, "hand")
 
     def regularizer_in(self, loss: torch.Tensor, since: int = 0) -> bool:
         """Whether `loss` depends on a regularizer term added in this step (the `since`-th and later): the
-        objective a trainer backpropagates may not be the model's returned loss (TRL's DPO)."""
-        terms = self._reg_terms[since:]
-        if not terms or not loss.requires_grad:
-            return False
-        grads = torch.autograd.grad(loss, terms, retain_graph=True, allow_unused=True)
-        return any(g is not None for g in grads)
+        objective a trainer backpropagates may not be the model's returned loss (TRL)."""
+        return self.objective.contained_in(loss, since)
 
     @property
     def regularizer_terms(self) -> int:
         """Regularizer terms added so far in this step (model outputs and handle.loss)."""
-        return len(self._reg_terms)
+        return len(self.objective.terms)
 
     def pre_optimizer_step(self) -> None:
         """After backward and gradient clipping, right before `optimizer.step()`."""
         self._check_attached()
         if self._phase is not _Phase.FORWARD:
             raise RuntimeError(f"pre_optimizer_step() needs begin_step() first (the handle is {self._phase.value})")
-        if self._has_regularizer():
-            if self._reg_backprops["outputs"] == 0 and self._reg_backprops["hand"] == 0:
-                raise RuntimeError(
-                    "an attached method adds a loss term, but it reached no backpropagated loss in this step: the "
-                    "model returned no `loss`, or the loss you backpropagated is not the model's (a custom or TRL "
-                    "loss): compute `loss = handle.loss(your_loss)` before backward, or train with "
-                    "genlora.GenLoRATrainerMixin"
-                )
-            if self._reg_backprops["outputs"] and self._reg_backprops["hand"]:
-                raise RuntimeError(
-                    "the regularizer was added twice: the model's returned loss already contains it, so do not "
-                    "also pass that loss through handle.loss()"
-                )
+        self.objective.check_step()
         self._phase = _Phase.OPTIMIZER
         if self.on_nonfinite != "off" and not self._gradients_finite():
             if self.on_nonfinite == "raise":
@@ -509,179 +459,22 @@ class GenLoRAHandle:
             )
 
     def _has_regularizer(self) -> bool:
-        return any(m.adds_loss_term() for m in self.methods)
+        return self.objective.active
 
     def _pre_forward_hook(self, module, args):
-        if module.training and not self._probing:
+        if module.training and not self.objective.probing:
             self._require_step()
             self.forward_index += 1
 
-    _probing = False
-
     def _forward_hook(self, module, args, kwargs, output):
-        if not module.training or self._probing or not torch.is_grad_enabled() or not self._has_regularizer():
+        objective = self.objective
+        if not module.training or objective.probing or not torch.is_grad_enabled() or not objective.active:
             return output  # (no_grad: a reference forward, nothing to backpropagate)
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if loss is None:
-            return output
-        reg = self.regularizer()
-        if reg is None:
-            return output
-        term = self._track(reg * self._regularizer_share(module, args, kwargs), "outputs")
-        output["loss"] = loss + term.to(loss.dtype)
+        loss = loss_of(output)
+        if loss is not None:
+            share = objective.share_in_model_loss(module, args, kwargs, self.loop.grad_accum_steps)
+            output["loss"] = objective.add(loss, share, "outputs")
         return output
-
-    def _regularizer_share(self, module, args, kwargs) -> float:
-        """Weight of the step's regularizer in one micro-step's model loss, so that it enters every optimizer step's
-        gradient exactly like the task loss does (issue: RM-LoRA's lambda must not depend on the model's loss code).
-
-        Plain loops and the Trainer with a model whose loss is a per-micro-batch mean: weight 1 (the Trainer, or
-        the user, divides each micro-step's loss by the accumulation steps, or the objective is the sum of the
-        micro-batch means; either way the regularizer stays at lambda relative to the task loss). When the Trainer
-        passes `num_items_in_batch` (it then does not divide), a model that normalizes its loss by it makes each
-        micro-step loss a share of the step's mean: weight 1/accumulation steps. Whether the model honours
-        `num_items_in_batch` (causal LMs do, BERT's classifier ignores it) is measured once, by two no-grad
-        eval-mode forwards of the batch with different counts."""
-        accum = self.loop.grad_accum_steps
-        if "num_items_in_batch" not in kwargs or accum <= 1:
-            return 1.0
-        if self._loss_normalized_by_items is None:
-            self._loss_normalized_by_items = self._probe_items_normalization(module, args, kwargs)
-        return 1.0 / accum if self._loss_normalized_by_items else 1.0
-
-    @torch.no_grad()
-    def _probe_items_normalization(self, module, args, kwargs) -> bool:
-        n = kwargs["num_items_in_batch"]
-        modes = {m: m.training for m in module.modules()}
-        self._probing = True
-        try:
-            module.eval()
-            first = module(*args, **{**kwargs, "num_items_in_batch": n})
-            second = module(*args, **{**kwargs, "num_items_in_batch": n * 2})
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-            self._probing = False
-        l1 = first.get("loss") if isinstance(first, dict) else getattr(first, "loss", None)
-        l2 = second.get("loss") if isinstance(second, dict) else getattr(second, "loss", None)
-        if l1 is None or l2 is None:
-            return True  # cannot tell: the Trainer's own assumption (it passed the count, so it expects normalization)
-        return not torch.allclose(l1.float(), l2.float(), rtol=1e-4, atol=0.0)
-
-    # --- the deployed model in eval-mode forwards, the slow terms in training forwards ---------------------------
-    def _extra_terms(self, slot: LoraSlot, training: bool) -> Factors:
-        """Terms a forward adds to PEFT's own W x + s*B*A x: in training the frozen terms (the live model); in eval the
-        deployed model minus PEFT's term (an empty list when the deployed model is the live adapter)."""
-        if training:
-            terms: Factors = []
-            for m in self.methods:
-                terms.extend(m.frozen_delta_factors(slot))
-            return terms
-        deployed, changed, (raw_u, raw_v) = self._deployed(slot)
-        if not changed:
-            return []
-        *rest, (last_u, last_v) = deployed
-        if last_v is raw_v:  # methods keep the trained term last and rescale only its U: one correction term
-            return [*rest, (last_u - raw_u, raw_v)]
-        return [*deployed, (-raw_u, raw_v)]
-
-    def _make_delta_hook(self, slot: LoraSlot):
-        layer = slot.layer
-
-        def add_terms(module, args, kwargs, output):
-            if layer.merged or not slot.active:
-                return output
-            terms = self._extra_terms(slot, module.training)
-            if not terms:
-                return output
-            if kwargs.get("adapter_names") is not None:
-                raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported by genlora's "
-                                          "LoRASC / expectation-deployed adapters")
-            x = args[0] if args else kwargs["x"]
-            u = torch.cat([t[0] for t in terms], dim=1)  # (n_out, K)
-            v = torch.cat([t[1] for t in terms], dim=0)  # (K, n_in)
-            dtype = slot.a_weight.dtype  # compute like PEFT's own LoRA term: in the adapter's dtype
-            if not x.is_floating_point():  # embedding ids
-                delta = slot.kind.apply_lowrank(slot, x, u.to(dtype), v.to(dtype))
-            else:
-                delta = slot.kind.apply_lowrank(slot, x.to(dtype), u.to(dtype), v.to(dtype))
-            return (output + delta).to(output.dtype)  # added in the wider dtype, rounded once, as PEFT does
-
-        return add_terms
-
-    # --- PEFT's save/load/merge paths follow the deployed model ---------------------------------------------------
-    def _patch_peft_methods(self) -> None:
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            return
-        model = self.model
-        originals = {name: getattr(model, name) for name in ("save_pretrained", "load_adapter", "merge_and_unload",
-                                                            "merge_adapter")}
-        self._originals = originals
-
-        def save_pretrained(save_directory, *args, **kwargs):
-            if args:  # name PEFT's positional options, so the deployed export can pass them on as keywords
-                bound = inspect.signature(originals["save_pretrained"]).bind(save_directory, *args, **kwargs)
-                kwargs = {k: v for k, v in bound.arguments.items() if k not in ("save_directory", "kwargs")}
-                kwargs.update(bound.arguments.get("kwargs", {}))
-            return self.save_pretrained(save_directory, **kwargs)
-
-        def load_adapter(model_id, adapter_name, *args, **kwargs):
-            return self._load_adapter(originals["load_adapter"], model_id, adapter_name, *args, **kwargs)
-
-        def refuse_merge(name):
-            def merge(*args, **kwargs):
-                if self.transforms_model():
-                    raise RuntimeError(
-                        f"{name}() would merge only the trained adapter, not the model genlora's methods define "
-                        f"({[m.name for m in self.methods]}): use handle.merged_model() for a dense copy of the "
-                        "deployed model (handle.save_merged(dir) to write it), or handle.save_pretrained(dir)"
-                    )
-                return originals[name](*args, **kwargs)
-
-            return merge
-
-        patches = {"save_pretrained": save_pretrained, "load_adapter": load_adapter,
-                   "merge_and_unload": refuse_merge("merge_and_unload"), "merge_adapter": refuse_merge("merge_adapter")}
-        for name, fn in patches.items():
-            fn.__genlora_patch__ = True
-            self._patched[name] = model.__dict__.get(name)
-            object.__setattr__(model, name, fn)
-
-    def _unpatch_peft_methods(self) -> None:
-        for name, previous in self._patched.items():
-            if previous is None:
-                self.model.__dict__.pop(name, None)
-            else:
-                object.__setattr__(self.model, name, previous)
-        self._patched = {}
-
-    def transforms_model(self) -> bool:
-        """Whether the deployed model differs from PEFT's view of the live adapter (LoRASC's slow experts, LoRA
-        Dropout's expectation export): then PEFT's own merge would give another model."""
-        return any(self._extra_terms(s, training=False) or self._extra_terms(s, training=True) for s in self.slots)
-
-    def _load_adapter(self, original, model_id, adapter_name, *args, **kwargs):
-        folder = os.fspath(model_id)
-        if adapter_name == self.adapter_name and os.path.isdir(folder):
-            state = os.path.join(folder, GENLORA_STATE_NAME)
-            if os.path.isfile(state):
-                # A checkpoint of this run (Trainer resume, load_best_model_at_end): the adapter file there is the
-                # deployed model, the training state beside it is what continues the run exactly.
-                self.load_state(state)
-                return None
-            config = os.path.join(folder, GENLORA_CONFIG_NAME)
-            if os.path.isfile(config):
-                with open(config) as f:
-                    if json.load(f).get("deployed_differs_from_trained_adapter"):
-                        raise ValueError(
-                            f"{folder} has no {GENLORA_STATE_NAME}: it holds the deployed model of a genlora run, not "
-                            "a training state, and loading it into the live adapter would apply the methods' "
-                            "transform twice. Load it on a fresh base model with PeftModel.from_pretrained, or restore "
-                            f"a run from a checkpoint that has {GENLORA_STATE_NAME} (handle.load_state(path))"
-                        )
-        return original(model_id, adapter_name, *args, **kwargs)
 
     # --- detach, state, files --------------------------------------------------------------------------------
     def _check_attached(self) -> None:
@@ -697,7 +490,7 @@ class GenLoRAHandle:
         for m in reversed(self.methods):
             m.on_detach()
         self.perturber.unpatch()
-        self._unpatch_peft_methods()
+        self.deployment.remove()
         for s in self.slots:
             _ATTACHED_LAYERS.discard(s.layer)
         self._phase = _Phase.IDLE
@@ -809,70 +602,22 @@ class GenLoRAHandle:
             raise ValueError(f"{path} is not a genlora state file")
         self.load_state_dict(state)
 
+    # --- files: the deployed model (core/deployment.py) ------------------------------------------------------
     def save_config(self, directory: str | os.PathLike) -> str:
-        """Write `genlora_config.json` (the attached methods and their options) into `directory`, atomically."""
-        path = os.path.join(directory, GENLORA_CONFIG_NAME)
-        write_json_atomic(path, {**self.config_dict(),
-                                 "deployed_differs_from_trained_adapter": self.transforms_model()})
-        return path
-
-    def _check_exportable(self) -> None:
-        if self.in_step:
-            raise RuntimeError("save between steps, not in the middle of one")
-        for m in self.methods:
-            reason = m.deployable_as_adapter()
-            if reason is not None:
-                raise ValueError(reason)
-        bad = [s.name for s in self.slots if not all(bool(p.isfinite().all()) for p in (s.a_weight, s.b_weight))]
-        if bad:
-            raise ValueError(f"refusing to save: the adapter holds NaN/inf in {bad[:3]} ({len(bad)} layers)")
+        """Write `genlora_config.json` (the attached methods and their options, seeds as run) into `directory`."""
+        return self.deployment.save_config(directory)
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write the deployed model as a standard PEFT adapter (`PeftModel.from_pretrained` loads it without genlora)
         plus `genlora_config.json` beside it. `model.save_pretrained`, `Trainer.save_model()` and every Trainer
         checkpoint call this while the handle is attached. Keyword arguments go to PEFT's `save_pretrained`."""
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            raise TypeError("save_pretrained needs a peft.PeftModel; save the adapter with PEFT's helpers instead")
-        self._check_exportable()
-        save = self._originals["save_pretrained"] if self._patched else self.model.save_pretrained
-        factors = {}
-        changed = False
-        for slot in self.slots:
-            terms, slot_changed, _ = self._deployed(slot)
-            changed = changed or slot_changed
-            factors[slot.name] = terms
-        if not kwargs.get("is_main_process", True):
-            if not changed:
-                save(directory, **kwargs)  # PEFT's own collective-safe no-op path for non-writer ranks
-            return
-        os.makedirs(directory, exist_ok=True)
-        if changed:
-            from .export import save_factor_adapter
-
-            state = kwargs.pop("state_dict", None)
-            save_factor_adapter(self.model, self.adapter_name, self.slots, factors, directory, save,
-                                state_dict=state, **kwargs)
-        else:
-            save(directory, **kwargs)
-        self.save_config(directory)
+        self.deployment.save_pretrained(directory, **kwargs)
 
     def merged_model(self) -> nn.Module:
         """A deep copy of the base model with the deployed model merged densely and no LoRA layers (LoRASC's
         persistent noise included in that mode; quantized bases dequantized). The live model is not touched.
         Costs one model copy of memory."""
-        from .export import merged_dense_copy
-
-        if self.in_step:
-            raise RuntimeError("export between steps, not in the middle of one")
-        factors = {s.name: self.deployed_factors(s) for s in self.slots}
-
-        def dense_extra(slot):
-            parts = [t for t in (m.dense_extra(slot) for m in self.methods) if t is not None]
-            return sum(parts) if parts else None
-
-        return merged_dense_copy(self.model, self.slots, factors, dense_extra=dense_extra, share=(self, *self.methods))
+        return self.deployment.merged_model()
 
     def save_merged(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         """`merged_model().save_pretrained(directory, **kwargs)`: an ordinary transformers model, no PEFT needed."""
@@ -883,41 +628,3 @@ class GenLoRAHandle:
                 f"{type(base).__name__} has no save_pretrained; torch.save handle.merged_model().state_dict() instead"
             )
         self.merged_model().save_pretrained(directory, **kwargs)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Call `write(file)` on a temporary file in the same folder, then rename it to `path`: readers (and a crash)
-    see either the old file or the whole new one, never half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    write_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=True), binary=False)
-
-
-def base_checksums(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Exact checksums of every frozen floating-point (or quantized) tensor: the bit patterns summed plainly and
-    with position weights (int64, wrapping), so any changed bit changes them. One pass, no copy kept."""
-    sums = {}
-    int_views = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            continue
-        data = p.detach()
-        if type(data) is not torch.Tensor and hasattr(data, "data"):
-            data = data.data  # bitsandbytes Params4bit / Int8Params: the packed payload
-        bits = data.reshape(-1).view(int_views[data.element_size()]).to(torch.int64)
-        weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
-        sums[name] = (int(bits.sum()), int((bits * weights).sum()))
-    return sums

@@ -151,7 +151,7 @@ class GenLoRATrainerMixin:
         since = handle.regularizer_terms if handle.in_step else None
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, outputs = result if return_outputs else (result, None)
-        if (since is not None and model.training and torch.is_grad_enabled() and handle._has_regularizer()
+        if (since is not None and model.training and torch.is_grad_enabled() and handle.objective.active
                 and not handle.regularizer_in(loss, since)):
             # the loss was not built on the model's returned loss (a custom loss, label smoothing, TRL's DPO)
             loss = handle.loss(loss, share=self._genlora_regularizer_share(kwargs.get("num_items_in_batch")))
