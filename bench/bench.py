@@ -2,9 +2,11 @@
 """genlora overhead benchmark: plain PEFT LoRA against each genlora method, in one process, on one model.
 
 Builds a randomly initialised Llama from a config (no downloads), puts PEFT LoRA on all seven linear projections,
-and trains it with AdamW on random tokens, once per *setup* (plain LoRA, each method, all methods together), then
-times LoRA Dropout's test-time ensemble against one plain forward. Every setup starts from the same LoRA weights and
-shares the same frozen base model, which is checked bit for bit after each setup.
+and trains it with AdamW on random tokens, once per *setup* (plain LoRA, each method, all methods together, Flat-LoRA
+on its PyTorch noise path), then times LoRA Dropout's test-time ensemble against one plain forward; where
+bitsandbytes is usable, the same on a QLoRA-style 4-bit NF4 base (a second model, with its own plain baseline).
+Every setup starts from the same LoRA weights and shares the same frozen base model, which is checked bit for bit
+after each setup.
 
 Measured per training setup:
   * step time: wall clock of one whole optimizer step (begin_step, forward, backward, gradient clipping, the
@@ -16,23 +18,30 @@ Measured per training setup:
     sampled every 5 ms by a background thread while the setup runs, after `malloc_trim(0)` (an approximation: the
     allocator may keep freed memory; CPU numbers are only indicative). `delta` columns subtract the value measured
     just before the setup's first step.
-  * ratios to plain LoRA of the same repeat (with `--repeats R` the setups run round-robin R times; the table
-    shows the median of the per-repeat ratios and their min..max).
+  * ratios to the baseline (plain PEFT LoRA on the same base) of the same repeat (with `--repeats R` the setups run
+    round-robin R times; the table shows the median of the per-repeat ratios and their min..max).
   * max |W_after - W_before| over every frozen parameter (and whether they are bit-identical).
-LoRASC setups run `stages_before_timing` (default 4) stage boundaries first; the timed steps then lie inside stage
-4 (slow rank 4r), and the median extra time of a boundary step is amortised over `amortize_over` (500) steps:
-  amortised step = median step + boundary extra / 500.
+LoRASC setups run `stages_before_timing` (default 4) stage boundaries first (fixed-length stages, `stage_steps`);
+the timed steps then lie inside stage 4 (slow rank 4r), and the median extra time of a boundary step is amortised
+over `amortize_over` (500) steps: amortised step = median step + boundary extra / 500.
 The inference row times `n_test`=4 ensemble forwards (one call of `genlora.test_time_ensemble`) against one plain
 forward, in eval mode under `torch.no_grad()`.
 
 Setups are data (`DEFAULT_SETUPS`, or a JSON file via `--setups-file`): a name, a list of
-`{"method": <registry name>, **options}` and optional targets; setups whose methods are not in
-`genlora.registry.METHODS` are skipped and listed as such, so methods added later are picked up by name.
+`{"method": <registry name>, **options}`, optional targets, `env` (variables set while it runs), `base` ("4bit")
+and `baseline`; setups whose methods are not in `genlora.registry.METHODS` are skipped and listed as such, so
+methods added later are picked up by name. A method that refuses the 4-bit base (TypeError/ValueError at attach) is
+skipped with its message; any other failure of a setup is recorded as an error (exit status 1) and the others run.
+
+Time budget: with `--deadline`/`--time-budget` a setup whose estimated cost (measured in an earlier repeat, else
+from the plain step time) would end after the deadline is not started; results.json/.md are rewritten after every
+setup, and SIGTERM stops the run after writing them, so a caller's timeout loses at most the setup in flight.
 
 Examples:
   python bench/bench.py --preset tiny --out bench/out/tiny                    # CPU smoke run, seconds
   python bench/bench.py --preset 1b --device cuda --dtype bf16 --out bench/out/1b
   python bench/bench.py --preset 150m --device cpu --batch-size 1 --seq-len 128 --steps 3 --warmup 1
+  python bench/bench.py --preset tiny --profile-dir /tmp/prof --profile-stack --profile-no-trace   # CPU profile
 """
 
 from __future__ import annotations
@@ -43,15 +52,19 @@ import copy
 import ctypes
 import datetime
 import gc
+import io
 import json
 import math
 import os
 import platform
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -83,25 +96,49 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Targets from the performance issue (ratios to plain PEFT LoRA on a GPU): (step time, peak memory).
+# The setups: plain PEFT LoRA, each method, all four, the test-time ensemble, Flat-LoRA on its PyTorch noise path
+# (GENLORA_TRITON=0, to measure the fused kernel against it), and the same on a QLoRA-style 4-bit base (bitsandbytes).
+# Targets are the performance issue's (ratios to plain PEFT LoRA of the same base, same process, same GPU): step time,
+# peak memory. "env": environment variables set while the setup runs. "base": "4bit" builds a second model whose
+# frozen linears are bitsandbytes NF4 (bf16 compute); "baseline": the setup a row's ratios are taken against.
+FLAT = {"method": "flat_lora", "sigma": 0.05, "schedule": "constant"}  # constant: noise on in every timed step
+RM = {"method": "rm_lora", "reg_lambda": 0.1}  # k = r // 2
+DROPOUT = {"method": "lora_dropout", "p": 0.1, "n_train": 1}
+LORASC = {"method": "lorasc", "alpha": 0.5, "noise_lambda": 0.15}  # stage_steps set by the bench (see plan_steps)
+# LoRA Dropout + LoRASC: LoRASC folds the fast expert's expectation, which needs the merged-expectation export.
+ALL_FOUR = [LORASC, FLAT, RM, dict(DROPOUT, deploy="merged_expectation")]
+TARGETS = {  # name: (step time, peak memory)
+    "flat_lora": (1.03, 1.02), "rm_lora": (1.02, 1.01), "lora_dropout": (1.05, 1.05), "lorasc": (1.03, 1.05),
+    "all": (1.10, 1.08),
+}
+LORASC_TIMING = {"stages_before_timing": 4, "amortize_over": 500}
+
+
+def _train(name: str, methods: list[dict[str, Any]], target: str | None = None, **extra) -> dict[str, Any]:
+    setup: dict[str, Any] = {"name": name, "methods": [dict(m) for m in methods], **extra}
+    if target is not None:
+        setup["target_time"], setup["target_mem"] = TARGETS[target]
+    if any(m["method"] == "lorasc" for m in methods):
+        setup.update(LORASC_TIMING)
+    return setup
+
+
 DEFAULT_SETUPS: list[dict[str, Any]] = [
-    {"name": "plain", "methods": []},
-    {"name": "flat_lora", "methods": [{"method": "flat_lora", "sigma": 0.05, "schedule": "constant"}],
-     "target_time": 1.03, "target_mem": 1.02},
-    {"name": "rm_lora", "methods": [{"method": "rm_lora", "reg_lambda": 0.1}],  # k = r // 2
-     "target_time": 1.02, "target_mem": 1.01},
-    {"name": "lora_dropout", "methods": [{"method": "lora_dropout", "p": 0.1, "n_train": 1}],
-     "target_time": 1.05, "target_mem": 1.05},
-    {"name": "lorasc", "methods": [{"method": "lorasc", "alpha": 0.5, "noise_lambda": 0.15}],
-     "stages_before_timing": 4, "amortize_over": 500, "target_time": 1.03, "target_mem": 1.05},
-    {"name": "all", "methods": [
-        {"method": "lorasc", "alpha": 0.5, "noise_lambda": 0.15},
-        {"method": "flat_lora", "sigma": 0.05, "schedule": "constant"},
-        {"method": "rm_lora", "reg_lambda": 0.1},
-        {"method": "lora_dropout", "p": 0.1, "n_train": 1},
-    ], "stages_before_timing": 4, "amortize_over": 500, "target_time": 1.10, "target_mem": 1.08},
+    _train("plain", []),
+    _train("flat_lora", [FLAT], "flat_lora"),
+    _train("flat_lora_pytorch", [FLAT], env={"GENLORA_TRITON": "0"}, reference_for="flat_lora"),
+    _train("rm_lora", [RM], "rm_lora"),
+    _train("lora_dropout", [DROPOUT], "lora_dropout"),
+    _train("lorasc", [LORASC], "lorasc"),
+    _train("all", ALL_FOUR, "all"),
     {"name": "ensemble", "kind": "inference", "methods": [{"method": "lora_dropout", "p": 0.1, "n_test": 4}],
      "target_time": 4.2},
+    _train("qlora_plain", [], base="4bit"),
+    _train("qlora_flat_lora", [FLAT], "flat_lora", base="4bit", baseline="qlora_plain"),
+    _train("qlora_rm_lora", [RM], "rm_lora", base="4bit", baseline="qlora_plain"),
+    _train("qlora_lora_dropout", [DROPOUT], "lora_dropout", base="4bit", baseline="qlora_plain"),
+    _train("qlora_lorasc", [LORASC], "lorasc", base="4bit", baseline="qlora_plain"),
+    _train("qlora_all", ALL_FOUR, "all", base="4bit", baseline="qlora_plain"),
 ]
 
 
@@ -112,6 +149,16 @@ def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
         return getattr(mod, "__version__", "?")
+    except Exception:
+        return None
+
+
+def _dist_version(dist: str) -> str | None:
+    """An installed distribution's version without importing it (importing bitsandbytes prints to stderr)."""
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
     except Exception:
         return None
 
@@ -133,7 +180,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "peft": _version("peft"),
-        "triton": _version("triton"),
+        "triton": _dist_version("triton"),
+        "bitsandbytes": _dist_version("bitsandbytes"),
+        "GENLORA_TRITON": os.environ.get("GENLORA_TRITON", "(unset: off)"),
         "genlora": getattr(genlora, "__version__", "?"),
         "genlora_git": _run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"]),
         "genlora_git_dirty": bool(_run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status",
@@ -231,7 +280,16 @@ class MemoryMeter:
 # --------------------------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------------------------
-def build_model(preset: dict[str, Any], args, device: torch.device, dtype: torch.dtype):
+def _device_map(device: torch.device):
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": str(device)}
+
+
+def build_model(preset: dict[str, Any], args, device: torch.device, dtype: torch.dtype, quant: str | None = None):
+    """The random-init Llama of `preset` with PEFT LoRA on all seven projections. quant="4bit": the same weights
+    (same seed), saved once to a temporary folder and reloaded with bitsandbytes NF4 linears (double quantization,
+    compute in `dtype`), as QLoRA does."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -247,6 +305,23 @@ def build_model(preset: dict[str, Any], args, device: torch.device, dtype: torch
         model = LlamaForCausalLM(cfg)
     model.to(dtype)
     n_base = sum(p.numel() for p in model.parameters())
+    if quant == "4bit":
+        import tempfile
+
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory(prefix="genlora-bench-") as tmp:
+            model.save_pretrained(tmp)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+            model = LlamaForCausalLM.from_pretrained(tmp, quantization_config=qcfg, dtype=dtype,
+                                                     device_map=_device_map(device))
+    elif quant is not None:
+        raise ValueError(f"unknown quantization {quant!r}")
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -261,10 +336,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bitsandbytes_problem() -> str | None:
+    """None if bitsandbytes imports, else why not (the 4-bit setups are then skipped with this reason)."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            import bitsandbytes  # noqa: F401
+    except Exception as err:  # ImportError, or a build that does not match this CUDA/CPU
+        return f"bitsandbytes is not usable here ({type(err).__name__}: {str(err)[:200]})"
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # setups
 # --------------------------------------------------------------------------------------------------------------
+def baseline_of(setup: dict[str, Any]) -> str:
+    return setup.get("baseline", "qlora_plain" if setup.get("base") == "4bit" and setup.get("methods") else "plain")
+
+
 def available_setups(setups: list[dict[str, Any]], wanted: list[str] | None):
+    """The setups to run (in order; each chosen setup's baseline included) and the skipped ones with a reason."""
     from genlora.registry import METHODS
 
     chosen, skipped = [], []
@@ -273,8 +364,9 @@ def available_setups(setups: list[dict[str, Any]], wanted: list[str] | None):
         unknown = [w for w in wanted if w not in names]
         if unknown:
             raise SystemExit(f"unknown setup(s) {unknown}; known: {names}")
+        wanted = set(wanted) | {"plain"} | {baseline_of(s) for s in setups if s["name"] in wanted}
     for s in setups:
-        if wanted and s["name"] not in wanted and s["name"] != "plain":
+        if wanted and s["name"] not in wanted:
             continue
         missing = [m["method"] for m in s.get("methods", []) if m["method"] not in METHODS]
         if missing:
@@ -299,7 +391,7 @@ def plan_steps(setup: dict[str, Any], args) -> dict[str, Any]:
     """Step layout of a training setup: total steps, which are timed, and LoRASC's stage length."""
     stages = setup.get("stages_before_timing", 0) if _uses(setup, "lorasc") else 0
     if stages:
-        profiled = 2 if getattr(args, "profile_dir", None) else 0
+        profiled = getattr(args, "profile_steps", 2) if getattr(args, "profile_dir", None) else 0
         length = args.warmup + args.steps + args.phase_steps + profiled + 1  # timed steps lie inside one stage
         first_timed = stages * length + 1 + args.warmup
         total = first_timed + args.steps + args.phase_steps
@@ -318,6 +410,8 @@ def _uses(setup: dict[str, Any], method: str) -> bool:
 
 
 def make_methods(setup: dict[str, Any], plan: dict[str, Any]):
+    """Method objects of a setup. LoRASC gets explicit fixed-length stages (`stage_steps`), so "after 4 stages"
+    means exactly that whatever the method's default stage count."""
     from genlora.registry import method_from_dict
 
     methods = []
@@ -329,22 +423,66 @@ def make_methods(setup: dict[str, Any], plan: dict[str, Any]):
     return methods
 
 
+@contextlib.contextmanager
+def setup_env(setup: dict[str, Any]):
+    """The setup's environment variables (e.g. GENLORA_TRITON=0) while it runs; restored afterwards."""
+    env = {k: str(v) for k, v in (setup.get("env") or {}).items()}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class SetupUnsupported(Exception):
+    """The library refuses this setup (e.g. a method on a 4-bit base it does not support yet): skipped, not an
+    error."""
+
+
+class Stop(Exception):
+    """SIGTERM (or SIGINT) during a run: the results so far are written, the rest is reported as not run."""
+
+
+def _expected_unsupported(setup: dict[str, Any], err: Exception) -> bool:
+    # A method refusing a quantized base is a documented limitation (skip with the reason); on the plain bf16 base
+    # every method must attach, so there any exception is an error.
+    return setup.get("base") == "4bit" and isinstance(err, (TypeError, ValueError, NotImplementedError))
+
+
 class Runner:
-    def __init__(self, args, device: torch.device, dtype: torch.dtype):
+    def __init__(self, args, device: torch.device, dtype: torch.dtype, quant: str | None = None):
+        t0 = time.perf_counter()
         self.args = args
         self.device = device
         self.dtype = dtype
+        self.quant = quant
+        self.repeat = 0
         preset = copy.deepcopy(PRESETS[args.preset])
-        self.model, self.config, self.n_base, self.n_trainable = build_model(preset, args, device, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model, self.config, self.n_base, self.n_trainable = build_model(preset, args, device, dtype, quant)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.lora_init = [p.detach().clone() for p in self.trainable]
-        # The frozen weights, copied to the CPU once: every setup is checked against them.
-        self.frozen = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+        # The frozen weights, copied to the CPU once (outside every measured window): each setup is checked
+        # against them, parameter by parameter on the model's device.
+        self.frozen = {n: _raw(p).to("cpu", copy=True) for n, p in self.model.named_parameters()
                        if not p.requires_grad}
         g = torch.Generator().manual_seed(args.seed + 1)
         n_batches = min(8, max(1, args.warmup + args.steps))
         self.batches = [torch.randint(1, self.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
                         .to(device) for _ in range(n_batches)]
+        self.build_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.base_diff()
+        self.overhead_s = 2 * (time.perf_counter() - t1) + 0.2  # base check, attach/detach, memory meter
+        self.step_estimate_s: float | None = None  # plain step time, from the burn-in, then from `plain`
+        self.profile_cost_s = 3.0  # a profiled setup's extra seconds (steps + analysis): the largest seen so far
+        self.walls: dict[str, list[float]] = {}
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def reset_lora(self) -> None:
@@ -359,22 +497,83 @@ class Runner:
             for n, p in self.model.named_parameters():
                 if p.requires_grad:
                     continue
-                now = p.detach().cpu()
+                now = _raw(p)
                 ref = self.frozen[n]
-                identical = identical and torch.equal(now, ref)
-                worst = max(worst, (now.double() - ref.double()).abs().max().item() if now.numel() else 0.0)
+                if now.shape != ref.shape or now.dtype != ref.dtype:
+                    return math.inf, False
+                ref = ref.to(now.device)
+                if not torch.equal(now, ref):
+                    identical = False
+                    worst = max(worst, (now.double() - ref.double()).abs().max().item())
         return worst, identical
+
+    def estimate_s(self, setup: dict[str, Any]) -> float:
+        """Wall seconds this setup will take: measured in an earlier repeat, else from the plain step time."""
+        if self.walls.get(setup["name"]):
+            return max(self.walls[setup["name"]])
+        step = self.step_estimate_s or 1.0
+        args = self.args
+        if setup.get("kind") == "inference":  # plain eval forwards (~1/3 step) + n_test-member ensembles
+            return (args.warmup + args.steps) * step * (1 / 3 + 4 / 3) * 1.5 + self.overhead_s
+        plan = plan_steps(setup, args)
+        if _uses(setup, "lorasc"):
+            factor = 2.0
+        elif _uses(setup, "flat_lora"):
+            factor = 1.5
+        else:
+            factor = 1.25 if setup.get("methods") else 1.0
+        profiled = self.profile_cost_s + args.profile_steps * step * factor * 3 if args.profile_dir and \
+            self.repeat == 0 and not args.profile_after else 0.0
+        return plan["total"] * step * factor + profiled + self.overhead_s
+
+    def _step(self, handle, optimizer, ids) -> torch.Tensor:
+        if handle is not None:
+            handle.begin_step()
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        if handle is not None:
+            handle.optimizer_step(optimizer)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _attach(self, setup: dict[str, Any], methods, total_steps: int | None = None):
+        import genlora
+
+        try:
+            return genlora.attach(self.model, *methods, total_steps=total_steps) if methods else None
+        except Exception as err:
+            if _expected_unsupported(setup, err):
+                raise SetupUnsupported(f"{type(err).__name__}: {err}") from err
+            raise
 
     # --- training setups ---------------------------------------------------------------------------------------
     def train_setup(self, setup: dict[str, Any]) -> dict[str, Any]:
-        import genlora
-
-        args, device = self.args, self.device
+        args = self.args
         plan = plan_steps(setup, args)
         self.reset_lora()
-        methods = make_methods(setup, plan)
+        try:
+            methods = make_methods(setup, plan)
+        except Exception as err:
+            if _expected_unsupported(setup, err):
+                raise SetupUnsupported(f"{type(err).__name__}: {err}") from err
+            raise
         optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, weight_decay=0.0)
-        handle = genlora.attach(self.model, *methods, total_steps=plan["total"]) if methods else None
+        handle = self._attach(setup, methods, plan["total"])
+        try:
+            return self._train(setup, plan, handle, optimizer)
+        finally:
+            if handle is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # LoRASC warns that detaching drops its slow experts
+                    handle.detach()
+            del optimizer, handle, methods
+            self.reset_lora()
+
+    def _train(self, setup, plan, handle, optimizer) -> dict[str, Any]:
+        args, device = self.args, self.device
         if handle is not None and hasattr(handle, "bind_optimizer"):
             handle.bind_optimizer(optimizer)
         dropout = handle.method("lora_dropout") if handle is not None and _uses(setup, "lora_dropout") else None
@@ -435,20 +634,22 @@ class Runner:
                         phases[key].append(dt)
         losses = [float(x) for x in losses]
         max_diff, identical = self.base_diff()
-        profile = self.profile(setup, handle, optimizer) if args.profile_dir and n_train == 1 else None
+        profile = None
+        if args.profile_dir and n_train == 1 and self.repeat == 0 and not args.profile_after:
+            profile = self.profile(setup, handle, optimizer)
         slow_rank = lorasc.slow_rank(handle.slots[0]) if lorasc is not None else None  # before detach drops it
-        if handle is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # LoRASC warns that detaching drops its slow experts
-                handle.detach()
-        del optimizer, handle, methods
         timed = [times[i] for i in plan["timed"]]
         median = statistics.median(timed)
         row: dict[str, Any] = {
             "name": setup["name"],
             "kind": "train",
+            "base": setup.get("base", self.args.dtype),
+            "baseline": baseline_of(setup) if setup["name"] != baseline_of(setup) else None,
             "methods": [m["method"] for m in setup.get("methods", [])],
             "method_options": setup.get("methods", []),
+            "env": setup.get("env") or {},
+            "noise_path": noise_path_label(self.device) if _uses(setup, "flat_lora") or _uses(setup, "lorasc")
+            else None,
             "steps_total": plan["total"],
             "steps_timed": len(timed),
             "step_s_median": median,
@@ -483,36 +684,64 @@ class Runner:
                 amortize_over=over,
                 step_s_amortized=median + extra / over,
             )
+            wanted = setup.get("stages_before_timing", 0)
+            if len(bidx) != wanted:
+                row["note"] = f"{len(bidx)} stage boundaries before the timed steps, wanted {wanted}"
         if profile:
             row["profile"] = profile
         return row
 
-    def profile(self, setup, handle, optimizer) -> str | None:
-        """Two extra steps under torch.profiler: a Chrome trace and the top ops, written to --profile-dir."""
+    def profile(self, setup, handle, optimizer) -> dict[str, Any] | None:
+        """`--profile-steps` extra steps under torch.profiler (repeat 0, or the --profile-after pass): a summary in
+        the row (per-op self times and counts per step, kernel launches, genlora's own Python functions with
+        --profile-stack), and in --profile-dir the top-ops table (+ a Chrome trace unless --profile-no-trace)."""
         from torch.profiler import ProfilerActivity, profile
 
-        os.makedirs(self.args.profile_dir, exist_ok=True)
+        steps = self.args.profile_steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         ids = self.batches[0]
-        with profile(activities=activities, record_shapes=False) as prof:
-            for _ in range(2):
-                if handle is not None:
-                    handle.begin_step()
-                loss = self.model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-                if handle is not None:
-                    handle.optimizer_step(optimizer)
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sync(self.device)
-        base = os.path.join(self.args.profile_dir, setup["name"])
-        prof.export_chrome_trace(base + ".trace.json")
-        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        with open(base + ".top.txt", "w") as f:
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40))
-        return base
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sync(self.device)
+                t0 = time.perf_counter()
+                with profile(activities=activities, record_shapes=False, with_stack=self.args.profile_stack) as prof:
+                    for _ in range(steps):
+                        self._step(handle, optimizer, ids)
+                    sync(self.device)
+                wall = time.perf_counter() - t0
+            averages = prof.key_averages()  # parsing the events is most of the profiler's cost: once
+            summary = summarize_profile(prof, self.device, steps, stacks=self.args.profile_stack, averages=averages)
+            summary["wall_ms_per_step"] = 1e3 * wall / steps
+            summary["seconds_with_analysis"] = time.perf_counter() - t0
+            os.makedirs(self.args.profile_dir, exist_ok=True)
+            base = os.path.join(self.args.profile_dir, setup["name"])
+            if not self.args.profile_no_trace:
+                prof.export_chrome_trace(base + ".trace.json")
+                summary["trace"] = base + ".trace.json"
+            table = None
+            keys = ("self_device_time_total", "self_cuda_time_total") if self.device.type == "cuda" else \
+                ("self_cpu_time_total",)
+            for key in keys:  # the device key's name differs across torch versions
+                try:
+                    table = averages.table(sort_by=key, row_limit=40)
+                    break
+                except Exception as err:  # noqa: PERF203
+                    table = f"(no table: {type(err).__name__}: {err})"
+            with open(base + ".top.txt", "w") as f:
+                f.write(table)
+                if summary.get("genlora_python"):
+                    f.write("\n\ngenlora Python functions (exclusive of nested genlora frames, incl. the torch ops "
+                            "they call), ms per step:\n")
+                    for name, ms in summary["genlora_python"]:
+                        f.write(f"  {ms:10.3f}  {name}\n")
+            summary["top_table"] = base + ".top.txt"
+            self.profile_cost_s = max(self.profile_cost_s, time.perf_counter() - t0)
+            return summary
+        except Stop:
+            raise
+        except Exception as err:  # a profiler problem must not cost the measurement
+            return {"error": f"{type(err).__name__}: {err}"}
 
     # --- inference: test-time ensemble -----------------------------------------------------------------------
     def ensemble_setup(self, setup: dict[str, Any]) -> dict[str, Any]:
@@ -538,19 +767,25 @@ class Runner:
             with MemoryMeter(device) as mem_plain:
                 plain = timed(lambda: self.model(input_ids=ids, use_cache=False).logits)
             methods = make_methods(setup, {})
-            handle = genlora.attach(self.model, *methods)
-            n_test = handle.method("lora_dropout").config.n_test
-            ensemble = genlora.test_time_ensemble(self.model, handle)
-            with MemoryMeter(device) as mem_ens:
-                ens = timed(lambda: ensemble(input_ids=ids, use_cache=False).logits)
-            handle.detach()
+            handle = self._attach(setup, methods)
+            try:
+                n_test = handle.method("lora_dropout").config.n_test
+                ensemble = genlora.test_time_ensemble(self.model, handle)
+                with MemoryMeter(device) as mem_ens:
+                    ens = timed(lambda: ensemble(input_ids=ids, use_cache=False).logits)
+            finally:
+                handle.detach()
         max_diff, identical = self.base_diff()
         p_med, e_med = statistics.median(plain), statistics.median(ens)
         return {
             "name": setup["name"],
             "kind": "inference",
+            "base": setup.get("base", self.args.dtype),
+            "baseline": None,
             "methods": [m["method"] for m in setup.get("methods", [])],
             "method_options": setup.get("methods", []),
+            "env": setup.get("env") or {},
+            "noise_path": None,
             "n_test": n_test,
             "steps_timed": len(ens),
             "plain_forward_s_median": p_med,
@@ -572,11 +807,105 @@ class Runner:
         }
 
 
+def _raw(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's storage as a plain tensor (bitsandbytes' Params4bit: the packed uint8 data)."""
+    return p.data if type(p) is not torch.nn.Parameter and hasattr(p, "data") else p.detach()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# profiles
+# --------------------------------------------------------------------------------------------------------------
+# genlora's own frames, and torch.optim's: handle.optimizer_step calls optimizer.step(), whose time is the optimizer's
+# (plain LoRA pays it too), so it is split off as its own entry instead of being counted as genlora's.
+_GENLORA_FRAME = re.compile(r"(genlora|torch/optim)/(?!.*bench\.py)(.+?\.py)\((\d+)\): (.+)$")
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def summarize_profile(prof, device: torch.device, steps: int, top: int = 60, stacks: bool = False,
+                      averages=None) -> dict[str, Any]:
+    """Per-step numbers from a torch.profiler run: the top ops by self time (device time on CUDA), their counts,
+    leaf ATen ops (on a GPU about one kernel each), kernel launches, and, when the profile has Python stacks, the
+    time spent in each genlora function (exclusive of nested genlora frames, inclusive of the torch ops it calls)."""
+    cuda = device.type == "cuda"
+    ops = []
+    cpu_total = dev_total = 0.0
+    launches = 0
+    for e in averages if averages is not None else prof.key_averages():
+        name = e.key
+        if ".py(" in name or name.startswith("<built-in") or name.startswith("ProfilerStep"):
+            continue
+        self_cpu = float(e.self_cpu_time_total)
+        self_dev = float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+        cpu_total += self_cpu
+        dev_total += self_dev if cuda else 0.0
+        if name in _LAUNCHES:
+            launches += e.count
+        ops.append((name, e.count, self_cpu, self_dev))
+    ops.sort(key=lambda o: -(o[3] if cuda else o[2]))
+    events = list(prof.events() or [])
+    leaf = 0
+    frames = []
+    for e in events:
+        name = e.name
+        if name.startswith("aten::"):
+            if not any(c.name.startswith("aten::") for c in e.cpu_children):
+                leaf += 1
+            continue
+        m = _GENLORA_FRAME.search(name)
+        if m:
+            fn = m.group(4) if not m.group(4).startswith("<") else f"{m.group(4)}@{m.group(3)}"  # <listcomp>@line
+            key = f"{m.group(2)}:{fn}" if m.group(1) == "genlora" else f"torch.optim {m.group(2)}:{fn}"
+            frames.append((e.thread, e.time_range.start, e.time_range.end, key))
+    per_fn = _exclusive_frame_times(frames)
+    optim = {k: v for k, v in per_fn.items() if k.startswith("torch.optim")}
+    per_fn = {k: v for k, v in per_fn.items() if k not in optim}
+    out: dict[str, Any] = {
+        "steps": steps,
+        "sort_key": "self_device_us" if cuda else "self_cpu_us",
+        "ops": [{"name": n, "count_per_step": c / steps, "self_cpu_ms_per_step": sc / 1e3 / steps,
+                 "self_device_ms_per_step": sd / 1e3 / steps} for n, c, sc, sd in ops[:top]],
+        "op_self_cpu_ms_per_step": cpu_total / 1e3 / steps,
+        "leaf_aten_ops_per_step": leaf / steps,
+        "kernel_launches_per_step": launches / steps,
+    }
+    if cuda:
+        out["device_busy_ms_per_step"] = dev_total / 1e3 / steps
+    if frames or stacks:
+        fns = sorted(per_fn.items(), key=lambda kv: -kv[1])
+        out["genlora_python_ms_per_step"] = sum(per_fn.values()) / 1e3 / steps
+        out["genlora_python"] = [(k, v / 1e3 / steps) for k, v in fns[:25]]
+        out["torch_optim_ms_per_step"] = sum(optim.values()) / 1e3 / steps
+    return out
+
+
+def _exclusive_frame_times(frames: list[tuple]) -> dict[str, float]:
+    """frames: (thread, start, end, key) of nested intervals; each key's time minus that of its nearest nested
+    frames (so nothing is counted twice and the sum is the time under the outermost frames)."""
+    total: dict[str, float] = {}
+    frames = sorted(frames, key=lambda f: (f[0], f[1], -f[2]))
+    stack: list[list] = []  # [thread, end, key, duration, nested]
+
+    def pop():
+        thread, end, key, dur, nested = stack.pop()
+        total[key] = total.get(key, 0.0) + max(0.0, dur - nested)
+
+    for thread, start, end, key in frames:
+        while stack and (stack[-1][0] != thread or stack[-1][1] <= start):
+            pop()
+        if stack:
+            stack[-1][4] += end - start
+        stack.append([thread, end, key, end - start, 0.0])
+    while stack:
+        pop()
+    return total
+
+
 # --------------------------------------------------------------------------------------------------------------
 # aggregation and output
 # --------------------------------------------------------------------------------------------------------------
 def aggregate(runs: list[dict[str, Any]], setups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per setup: medians over repeats, ratios against the same repeat's plain run."""
+    """One row per setup: medians over repeats, ratios against the same repeat's baseline run (plain PEFT LoRA on
+    the same base)."""
     by_repeat: dict[int, dict[str, dict[str, Any]]] = {}
     for r in runs:
         by_repeat.setdefault(r["repeat"], {})[r["name"]] = r
@@ -589,6 +918,11 @@ def aggregate(runs: list[dict[str, Any]], setups: list[dict[str, Any]]) -> list[
         time_key = "step_s_amortized" if "step_s_amortized" in reps[0] else "step_s_median"
         row = dict(reps[-1])
         row.pop("repeat", None)
+        row.pop("wall_s", None)
+        if "profile" not in row:
+            prof = next((r["profile"] for r in reps if "profile" in r), None)
+            if prof is not None:
+                row["profile"] = prof
         medians = [r[time_key] for r in reps]
         row["step_s"] = statistics.median(medians)
         row["step_s_repeat_medians"] = medians
@@ -606,25 +940,33 @@ def aggregate(runs: list[dict[str, Any]], setups: list[dict[str, Any]]) -> list[
             ratios_m = [r["ratio_mem_vs_one_forward"] for r in reps]
             row["ratio_basis"] = "one plain eval forward (same batch)"
         else:
+            base = baseline_of(setup)
             ratios_t, ratios_m = [], []
             for rep in by_repeat.values():
-                if name in rep and "plain" in rep:
-                    plain = rep["plain"]
-                    ratios_t.append(rep[name][time_key] / plain["step_s_median"])
-                    ratios_m.append(rep[name]["peak_bytes"] / max(plain["peak_bytes"], 1))
-            row["ratio_basis"] = "plain PEFT LoRA training step (same repeat)"
+                if name in rep and base in rep:
+                    ref = rep[base]
+                    ratios_t.append(rep[name][time_key] / ref["step_s_median"])
+                    ratios_m.append(rep[name]["peak_bytes"] / max(ref["peak_bytes"], 1))
+            row["ratio_basis"] = ("plain PEFT LoRA training step (same repeat)" if base == "plain" else
+                                  f"{base} training step (same repeat)")
         row["ratio_time"] = statistics.median(ratios_t) if ratios_t else None
         row["ratio_time_min"] = min(ratios_t) if ratios_t else None
         row["ratio_time_max"] = max(ratios_t) if ratios_t else None
         row["ratio_mem"] = statistics.median(ratios_m) if ratios_m else None
         row["target_time"] = setup.get("target_time")
         row["target_mem"] = setup.get("target_mem")
+        if setup.get("reference_for"):
+            row["reference_for"] = setup["reference_for"]
         rows.append(row)
     return rows
 
 
 def _fmt(x, spec=".3f", none="–"):
     return none if x is None else format(x, spec)
+
+
+def _millions(n, spec=".1f") -> str:
+    return "?" if n is None else format(n / 1e6, spec)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -634,25 +976,30 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"## genlora overhead benchmark: preset `{cfg['preset']}` on {device}",
         "",
-        f"- model: random-init Llama, {cfg['n_base_params'] / 1e6:.1f}M parameters "
+        f"- model: random-init Llama, {_millions(cfg['n_base_params'])}M parameters "
         f"(hidden {cfg['model']['hidden_size']}, {cfg['model']['num_hidden_layers']} layers, "
         f"intermediate {cfg['model']['intermediate_size']}, {cfg['model']['num_attention_heads']} heads, "
         f"{cfg['model']['num_key_value_heads']} KV heads, vocab {cfg['model']['vocab_size']}); "
-        f"LoRA r={cfg['lora_r']} on {', '.join(LORA_TARGETS)} ({cfg['n_trainable_params'] / 1e6:.2f}M trainable)",
+        f"LoRA r={cfg['lora_r']} on {', '.join(LORA_TARGETS)} "
+        f"({_millions(cfg['n_trainable_params'], '.2f')}M trainable)",
         f"- batch {cfg['batch_size']} x {cfg['seq_len']} tokens, {cfg['dtype']} base weights, AdamW "
         f"(lr {cfg['lr']}), grad clip 1.0; {cfg['warmup']} warm-up + {cfg['steps']} timed steps per setup, "
-        f"{cfg['repeats']} repeat(s) round-robin",
+        f"{cfg['repeats']} repeat(s) round-robin" + (f" (completed: {result.get('repeats_done')})"
+                                                     if result.get("repeats_done") not in (None, cfg["repeats"])
+                                                     else ""),
         f"- device {meta['device']}" + (f" ({meta.get('gpu')}, driver {meta.get('driver')}, CUDA {meta.get('cuda')})"
                                          if meta.get("gpu") else f" ({meta.get('cpu')}, {meta['torch_threads']} "
                                                                  "torch threads)"),
         f"- torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, "
-        f"triton {meta['triton'] or 'not installed'}, genlora {meta['genlora']} "
-        f"(git {meta.get('genlora_git')}{', dirty' if meta.get('genlora_git_dirty') else ''}), "
-        f"Python {meta['python']}; {meta['date_utc']}",
-        f"- Flat-LoRA noise path: {result.get('flat_noise_path')}",
+        f"triton {meta['triton'] or 'not installed'}, bitsandbytes {meta.get('bitsandbytes') or 'not installed'}, "
+        f"genlora {meta['genlora']} "
+        f"(git {meta.get('genlora_git')}{', dirty' if meta.get('genlora_git_dirty') else ''}),"
+        f" Python {meta['python']}; {meta['date_utc']}",
+        f"- Flat-LoRA noise path: {result.get('flat_noise_path')} (GENLORA_TRITON={meta.get('GENLORA_TRITON')}); "
+        "per setup in the methods column",
         "",
-        f"| setup | methods | step ms (median) | min..max ms | tokens/s | {mem_label} | delta MiB | time x plain "
-        "(min..max) | mem x plain | target time / mem | base max abs diff | bit-identical |",
+        f"| setup | methods | step ms (median) | min..max ms | tokens/s | {mem_label} | delta MiB | time x baseline "
+        "(min..max) | mem x baseline | target time / mem | base max abs diff | bit-identical |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in result["rows"]:
@@ -665,42 +1012,87 @@ def markdown(result: dict[str, Any]) -> str:
             ratio += f" ({r['ratio_time_min']:.3f}..{r['ratio_time_max']:.3f})"
         if r["kind"] == "inference":
             ratio += " vs 1 fwd"
-        target = f"{_fmt(r['target_time'], '.2f')} / {_fmt(r['target_mem'], '.2f')}" if r["name"] != "plain" else ""
+        elif r.get("baseline") and (r["baseline"] != "plain" or r.get("base") == "4bit"):
+            ratio += f" vs {r['baseline']}" + (" (bf16 base)" if r["baseline"] == "plain" else "")
+        target = (f"{_fmt(r['target_time'], '.2f')} / {_fmt(r['target_mem'], '.2f')}"
+                  if r.get("target_time") is not None else "")
         methods = " + ".join(r["methods"]) or "PEFT LoRA"
+        if r.get("base") == "4bit":
+            methods += " [4-bit NF4 base]"
+        if r.get("noise_path"):
+            methods += f" [noise: {r['noise_path']}]"
+        if r.get("reference_for"):
+            methods += f" (reference for {r['reference_for']})"
         if r.get("stage_boundaries"):
             methods += f" (after {r['stage_boundaries']} stages, slow rank {r.get('slow_rank')}; boundary " \
                        f"+{1e3 * r['boundary_extra_s']:.1f} ms / {r['amortize_over']} steps)"
+        if r.get("note"):
+            methods += f" NOTE: {r['note']}"
         lines.append(
             f"| {r['name']} | {methods} | {ms:.1f} | {span} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_delta_bytes'] / 2**20:.0f} | {ratio} | {_fmt(r['ratio_mem'])} | "
+            f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_delta_bytes'] / 2**20:.0f} | {ratio} | "
+            f"{_fmt(r['ratio_mem'])} | "
             f"{target} | {r['base_max_abs_diff']:.3g} | {'yes' if r['base_bit_identical'] else 'NO'} |"
         )
     if result["skipped"]:
-        lines.append("")
-        lines.append("Skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in result["skipped"]))
+        lines += ["", "Skipped: " + "; ".join(f"{s['name']} ({s['reason']})" for s in result["skipped"])]
+    if result.get("not_run"):
+        lines += ["", "Not run (time budget or stop): " + "; ".join(
+            f"{s['name']} repeat {s['repeat']} ({s['reason']})" for s in result["not_run"])]
+    if result.get("errors"):
+        lines += ["", "ERRORS: " + "; ".join(f"{e['name']} repeat {e['repeat']}: {e['error']}"
+                                             for e in result["errors"])]
+    if result.get("stopped"):
+        lines += ["", f"Stopped early: {result['stopped']}"]
     phased = [r for r in result["rows"] if r.get("phase_s_median")]
     if phased:
         lines += ["", "Phase breakdown (ms, extra steps with a sync after each phase; not the timed steps):", "",
-                  "| setup | begin_step | forward | backward | clip | optimizer step |", "|---|---:|---:|---:|---:|---:|"]
+                  "| setup | begin_step | forward | backward | clip | optimizer step |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in phased:
             p = r["phase_s_median"]
-            lines.append(f"| {r['name']} | " + " | ".join(f"{1e3 * p[k]:.2f}" for k in
+            lines.append(f"| {r['name']} | " + " | ".join(f"{1e3 * p.get(k, math.nan):.2f}" for k in
                                                          ("begin_step", "forward", "backward", "clip", "optimizer"))
                          + " |")
+    profiled = [r for r in result["rows"] if r.get("profile") and "error" not in r["profile"]]
+    if profiled:
+        cuda = meta["device"].startswith("cuda")
+        lines += ["", f"Profile (torch.profiler, {cfg.get('profile_steps')} extra step(s) of repeat 0; per step; the "
+                  "profiler slows steps down):",
+                  "", "| setup | profiled ms | " + ("GPU busy ms | " if cuda else "")
+                  + "op self-CPU ms | leaf ATen ops "
+                  "| kernel launches | genlora Python ms | top ops by self " + ("GPU" if cuda else "CPU") + " time |",
+                  "|---|---:|" + ("---:|" if cuda else "") + "---:|---:|---:|---:|---|"]
+        for r in profiled:
+            p = r["profile"]
+            key = "self_device_ms_per_step" if cuda else "self_cpu_ms_per_step"
+            top = ", ".join(f"{o['name']} {o[key]:.1f}" for o in p["ops"][:4])
+            lines.append(f"| {r['name']} | {p['wall_ms_per_step']:.1f} | "
+                         + (f"{p.get('device_busy_ms_per_step', 0):.1f} | " if cuda else "")
+                         + f"{p['op_self_cpu_ms_per_step']:.1f} | {p['leaf_aten_ops_per_step']:.0f} | "
+                         f"{p['kernel_launches_per_step']:.0f} | {_fmt(p.get('genlora_python_ms_per_step'), '.1f')} | "
+                         f"{top} |")
     lines.append("")
     return "\n".join(lines)
 
 
-def flat_noise_path(device: torch.device) -> str:
+def noise_path_label(device: torch.device) -> str:
+    """Which path generates weight noise on `device` right now (under the current GENLORA_TRITON)."""
     try:
-        from genlora.methods import flat_lora
+        from genlora.core.perturbed_linear import noise_kernel
 
-        kernel = flat_lora._triton_kernel()
+        kernel = noise_kernel()
         probe = torch.empty(2, 2, device=device)
         if kernel is not None and kernel.usable(probe):
-            return "Triton fused kernel (counter-based Philox, fused scale + add)"
+            return "triton"
     except Exception:
         pass
+    return "pytorch"
+
+
+def flat_noise_path(device: torch.device) -> str:
+    if noise_path_label(device) == "triton":
+        return "Triton fused kernel (counter-based Philox, fused scale + add)"
     return "PyTorch (torch.randn with a seeded generator, unfused)"
 
 
@@ -720,13 +1112,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps per setup (preset default)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them (preset default)")
     p.add_argument("--phase-steps", type=int, default=None,
-                   help="extra steps with a sync between phases, for the breakdown table (default 3 on CUDA, 0 on CPU)")
+                   help="extra steps with a sync between phases, for the breakdown table (default 3 on CUDA, 0 on "
+                        "CPU)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--methods", default=None,
-                   help="comma-separated setup names (plain always runs); default: every setup whose methods exist")
+                   help="comma-separated setup names (plain, and each chosen setup's baseline, always run); default: "
+                        "every setup whose methods exist")
     p.add_argument("--setups-file", default=None, help="JSON list of setups replacing the built-in ones")
     p.add_argument("--repeats", type=int, default=1, help="run all setups this many times, round-robin")
     p.add_argument("--burn-in", type=int, default=2, help="untimed plain-LoRA steps before the first setup")
@@ -734,8 +1128,22 @@ def parse_args(argv=None):
                    help="torch.set_num_threads; default 1 on CPU (stable timings on a shared machine: with more "
                         "threads than free cores every OpenMP region can wait a scheduler tick), unchanged on CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile-dir", default=None, help="write a torch.profiler trace of 2 extra steps per setup")
+    p.add_argument("--profile-dir", default=None,
+                   help="profile extra steps per training setup (repeat 0) with torch.profiler: summary in the "
+                        "results, top-ops tables (and Chrome traces) in this folder")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps profiled per setup (default 2)")
+    p.add_argument("--profile-stack", action="store_true",
+                   help="record Python stacks while profiling: time per genlora function (slower steps)")
+    p.add_argument("--profile-no-trace", action="store_true", help="no Chrome trace files (they can be large)")
+    p.add_argument("--profile-after", action="store_true",
+                   help="profile in a pass after the timed repeats instead of inside repeat 0: plain first, then the "
+                        "setups that missed a target (worst first), then the rest, each on a short run (1 warm-up "
+                        "step; LoRASC: 4 short stages first) while the deadline allows; measurements come first")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time: start no setup whose estimated cost would end after it (results so far kept)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds from now; same as --deadline")
     p.add_argument("--out", default="bench/out", help="folder for results.json and results.md")
+    p.add_argument("--quiet", action="store_true", help="do not print the Markdown table at the end")
     p.add_argument("--list", action="store_true", help="print the setups and exit")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -744,7 +1152,64 @@ def parse_args(argv=None):
             setattr(args, key, preset[key])
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--steps >= 1, --warmup >= 0 and --repeats >= 1 are required")
+    if args.time_budget is not None:
+        deadline = time.time() + args.time_budget
+        args.deadline = deadline if args.deadline is None else min(args.deadline, deadline)
     return args
+
+
+def profile_pass(runner: Runner, group: list[dict[str, Any]], runs: list[dict[str, Any]], result: dict[str, Any],
+                 write) -> None:
+    """--profile-after: profiles of the group's training setups on short runs, most useful first, within the
+    deadline. The short runs' timings are discarded; their profiles go to result["profiles"] (and into the rows)."""
+    args = runner.args
+    rows = {r["name"]: r for r in aggregate(runs, group)}
+
+    def miss(name) -> float:
+        r = rows.get(name, {})
+        worst = 0.0
+        for ratio, target in ((r.get("ratio_time"), r.get("target_time")), (r.get("ratio_mem"), r.get("target_mem"))):
+            if ratio is not None and target is not None:
+                worst = max(worst, ratio / target)
+        return worst
+
+    train = [s for s in group if s.get("kind") != "inference" and s["name"] in rows]
+    baselines = [s for s in train if not s.get("methods")]
+    others = sorted((s for s in train if s.get("methods")), key=lambda s: -miss(s["name"]))
+    short = copy.copy(args)
+    short.steps, short.warmup, short.phase_steps, short.profile_after = 1, 1, 0, False
+    saved_args, saved_repeat = runner.args, runner.repeat
+    runner.args, runner.repeat = short, 0
+    profiles = result.setdefault("profiles", {})
+    try:
+        for setup in baselines + others:
+            step = rows[setup["name"]]["step_s_median"]
+            est = plan_steps(setup, short)["total"] * step * 1.2 + runner.profile_cost_s + runner.overhead_s
+            if args.deadline and time.time() + est > args.deadline:
+                result.setdefault("profiles_not_run", []).append(setup["name"])
+                continue
+            t0 = time.perf_counter()
+            try:
+                with setup_env(setup):
+                    row = runner.train_setup(setup)
+            except Stop:
+                raise
+            except Exception as err:
+                profiles[setup["name"]] = {"error": f"{type(err).__name__}: {err}"[:500]}
+                continue
+            prof = row.get("profile") or {"error": "no profile"}
+            prof["short_run"] = {"steps_total": row["steps_total"], "wall_s": time.perf_counter() - t0,
+                                 "slow_rank": row.get("slow_rank")}
+            profiles[setup["name"]] = prof
+            print(f"[bench] profiled {setup['name']:<18} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
+                  flush=True)
+            write()
+    finally:
+        runner.args, runner.repeat = saved_args, saved_repeat
+
+
+def _raise_stop(signum, frame):
+    raise Stop(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -758,6 +1223,7 @@ def main(argv=None) -> dict[str, Any]:
         return {}
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    threads_before = torch.get_num_threads()
     if args.threads is None and device.type == "cpu":
         args.threads = 1
     if args.threads:
@@ -767,55 +1233,154 @@ def main(argv=None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     wanted = [s.strip() for s in args.methods.split(",")] if args.methods else None
     chosen, skipped = available_setups(setups, wanted)
-
     t_start = time.perf_counter()
-    runner = Runner(args, device, dtype)
-    if args.burn_in:  # untimed plain steps first: allocator, kernel caches and clocks warm for every setup alike
-        burn = copy.copy(args)
-        burn.warmup, burn.steps, burn.phase_steps = 0, args.burn_in, 0
-        saved, runner.args = runner.args, burn
-        try:
-            runner.train_setup({"name": "burn-in", "methods": []})
-        finally:
-            runner.args = saved
-    runs = []
-    for repeat in range(args.repeats):
-        for setup in chosen:
-            t0 = time.perf_counter()
-            row = runner.ensemble_setup(setup) if setup.get("kind") == "inference" else runner.train_setup(setup)
-            row["repeat"] = repeat
-            runs.append(row)
-            print(f"[bench] repeat {repeat} {setup['name']:<13} {1e3 * row['step_s_median']:9.2f} ms/step  "
-                  f"peak {row['peak_bytes'] / 2**20:9.1f} MiB  base diff {row['base_max_abs_diff']:.3g}  "
-                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    rows = aggregate(runs, chosen)
-    result = {
+    noise_path = flat_noise_path(device)  # under the process's own GENLORA_TRITON, before any setup changes it
+    result: dict[str, Any] = {
         "environment": environment(device),
         "config": {
-            "preset": args.preset, "model": PRESETS[args.preset]["model"], "n_base_params": runner.n_base,
-            "n_trainable_params": runner.n_trainable, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "preset": args.preset, "model": PRESETS[args.preset]["model"], "n_base_params": None,
+            "n_trainable_params": None, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lora_r": args.lora_r, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
             "phase_steps": args.phase_steps, "repeats": args.repeats, "burn_in": args.burn_in, "lr": args.lr,
-            "seed": args.seed,
+            "seed": args.seed, "deadline": args.deadline,
+            "profile_steps": args.profile_steps if args.profile_dir else None, "profile_stack": args.profile_stack,
             "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "sampled_rss",
             "argv": sys.argv[1:] if argv is None else list(argv),
         },
-        "flat_noise_path": flat_noise_path(device),
-        "rows": rows,
-        "runs": runs,
-        "skipped": skipped,
-        "wall_s": time.perf_counter() - t_start,
+        "flat_noise_path": noise_path,
+        "setups": [s["name"] for s in chosen],
+        "rows": [], "runs": [], "skipped": skipped, "not_run": [], "errors": [], "stopped": None,
+        "complete": False, "repeats_done": 0, "wall_s": 0.0,
     }
+    runs: list[dict[str, Any]] = result["runs"]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    md = markdown(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
-    print(md)
+
+    def write() -> None:
+        result["rows"] = aggregate(runs, chosen)
+        for row in result["rows"]:  # profiles of a --profile-after pass
+            if "profile" not in row and row["name"] in result.get("profiles", {}):
+                row["profile"] = result["profiles"][row["name"]]
+        result["wall_s"] = time.perf_counter() - t_start
+        tmp = os.path.join(args.out, "results.json.tmp")
+        slim = {k: v for k, v in result.items() if k != "profiles"}  # the profiles are in the rows
+        slim["runs"] = [{k: v for k, v in r.items() if k != "profile"} for r in runs]
+        with open(tmp, "w") as f:
+            json.dump(slim, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(args.out, "results.json"))
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(markdown(result))
+
+    def not_run(setup, repeat, reason):
+        result["not_run"].append({"name": setup["name"], "repeat": repeat, "reason": reason})
+
+    groups = [(None, [s for s in chosen if s.get("base") != "4bit"]),
+              ("4bit", [s for s in chosen if s.get("base") == "4bit"])]
+    old_term = signal.signal(signal.SIGTERM, _raise_stop) if threading.current_thread() is threading.main_thread() \
+        else None
+    build_s = None
+    try:
+        write()
+        for quant, group in groups:
+            if not group:
+                continue
+            if quant == "4bit":
+                problem = bitsandbytes_problem()
+                if problem is None and device.type == "cpu" and dtype == torch.float16:
+                    problem = "4-bit base on CPU needs bf16/fp32 compute"
+                if problem:
+                    skipped.extend({"name": s["name"], "reason": problem} for s in group)
+                    continue
+                if args.deadline and build_s and time.time() + 3 * build_s > args.deadline:
+                    for s in group:
+                        not_run(s, 0, "time budget (4-bit model build)")
+                    continue
+            t_build = time.perf_counter()
+            runner = Runner(args, device, dtype, quant)
+            build_s = build_s or time.perf_counter() - t_build
+            if quant is None:
+                result["config"]["n_base_params"] = runner.n_base
+                result["config"]["n_trainable_params"] = runner.n_trainable
+            else:
+                result["config"]["n_trainable_params_4bit"] = runner.n_trainable
+            try:
+                if args.burn_in:  # untimed plain steps first: allocator, kernel caches and clocks warm for all setups
+                    burn = copy.copy(args)
+                    burn.warmup, burn.steps, burn.phase_steps, burn.profile_dir = 0, args.burn_in, 0, None
+                    saved, runner.args = runner.args, burn
+                    try:
+                        row = runner.train_setup({"name": "burn-in", "methods": []})
+                        runner.step_estimate_s = row["step_s_min"]
+                    finally:
+                        runner.args = saved
+                unsupported: set[str] = set()
+                for repeat in range(args.repeats):
+                    runner.repeat = repeat
+                    cut = False
+                    for setup in group:
+                        if setup["name"] in unsupported:
+                            continue
+                        est = runner.estimate_s(setup)
+                        if args.deadline and time.time() + est > args.deadline:
+                            not_run(setup, repeat, f"time budget (estimated {est:.0f} s)")
+                            cut = True
+                            if setup["name"] in ("plain", "qlora_plain"):
+                                break  # no baseline in this repeat: its ratios would be missing anyway
+                            continue
+                        t0 = time.perf_counter()
+                        try:
+                            with setup_env(setup):
+                                row = (runner.ensemble_setup(setup) if setup.get("kind") == "inference"
+                                       else runner.train_setup(setup))
+                        except SetupUnsupported as err:
+                            skipped.append({"name": setup["name"], "reason": str(err)[:500]})
+                            unsupported.add(setup["name"])
+                            continue
+                        except Stop:
+                            raise
+                        except Exception as err:  # one broken setup must not cost the others
+                            result["errors"].append({"name": setup["name"], "repeat": repeat,
+                                                     "error": f"{type(err).__name__}: {err}"[:1000],
+                                                     "traceback": traceback.format_exc()[-4000:]})
+                            unsupported.add(setup["name"])
+                            print(f"[bench] repeat {repeat} {setup['name']}: ERROR {type(err).__name__}: {err}",
+                                  file=sys.stderr, flush=True)
+                            continue
+                        wall = time.perf_counter() - t0
+                        row["repeat"] = repeat
+                        row["wall_s"] = wall
+                        runner.walls.setdefault(setup["name"], []).append(wall)
+                        if setup["name"] == "plain" or (quant and setup["name"] == "qlora_plain"):
+                            runner.step_estimate_s = row["step_s_median"]
+                        runs.append(row)
+                        print(f"[bench] repeat {repeat} {setup['name']:<18} {1e3 * row['step_s_median']:9.2f} ms/step"
+                              f"  peak {row['peak_bytes'] / 2**20:9.1f} MiB  base diff {row['base_max_abs_diff']:.3g}"
+                              f"  ({wall:.1f} s, estimated {est:.1f} s)", file=sys.stderr, flush=True)
+                        write()
+                    if quant is None and not cut:
+                        result["repeats_done"] = repeat + 1
+                    if cut:
+                        break
+                if args.profile_dir and args.profile_after:
+                    profile_pass(runner, group, runs, result, write)
+            finally:
+                del runner
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        result["complete"] = True
+    except (Stop, KeyboardInterrupt) as err:
+        result["stopped"] = str(err) or type(err).__name__
+        print(f"[bench] stopped: {result['stopped']}; writing the results so far", file=sys.stderr, flush=True)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if args.threads and device.type == "cpu" and argv is not None:
+            torch.set_num_threads(threads_before)
+    write()
+    if not args.quiet:
+        print(markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    sys.exit(1 if main().get("errors") else 0)

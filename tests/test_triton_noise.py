@@ -2,7 +2,9 @@
 
 On a GPU the kernel runs for real (`gpu` marker). Without one, the same checks run on CPU tensors in Triton's
 interpreter (TRITON_INTERPRET=1), in a subprocess because the interpreter is chosen when Triton compiles the kernel.
-Both skip when triton is not installed (it is not a genlora dependency).
+Both skip when triton is not installed (it is not a genlora dependency). The GPU run also trains a small Llama through
+the fused and the unfused kernel path (bit-identical losses and gradients); that check's own code runs here with the
+kernel off, so it cannot break unnoticed before the rare GPU run. `bash bench/gpu_check.sh` runs the GPU test.
 """
 
 import importlib.util
@@ -41,3 +43,13 @@ def test_kernel_on_gpu(monkeypatch):
     import triton_noise_checks
 
     triton_noise_checks.run_all("cuda")
+
+
+def test_model_check_itself_runs_on_cpu(monkeypatch):
+    """The GPU-only model-level check (fused == unfused through a Llama's hooks) runs here with the kernel off, so a
+    broken check is found before the rare GPU run, not during it."""
+    monkeypatch.setenv("GENLORA_TRITON", "0")
+    sys.path.insert(0, HERE)
+    import triton_noise_checks
+
+    triton_noise_checks.check_model_fused_vs_unfused("cpu", require_fused=False)

@@ -108,8 +108,11 @@ class Deployment:
                 raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported by genlora's "
                                           "LoRASC / expectation-deployed adapters")
             x = args[0] if args else kwargs["x"]
-            u = torch.cat([t[0] for t in terms], dim=1)  # (n_out, K)
-            v = torch.cat([t[1] for t in terms], dim=0)  # (K, n_in)
+            if len(terms) == 1:  # LoRASC in training: the slow factors, already one concatenation (no copy)
+                (u, v), = terms
+            else:
+                u = torch.cat([t[0] for t in terms], dim=1)  # (n_out, K)
+                v = torch.cat([t[1] for t in terms], dim=0)  # (K, n_in)
             dtype = slot.a_weight.dtype  # compute like PEFT's own LoRA term: in the adapter's dtype
             x = x.to(dtype) if x.is_floating_point() else x  # (embedding ids stay integers)
             delta = slot.kind.apply_lowrank(slot, x, u.to(dtype), v.to(dtype))
