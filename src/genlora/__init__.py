@@ -1,5 +1,11 @@
 """genlora: methods that make PEFT LoRA fine-tuning generalize, attached to an ordinary PEFT model."""
 
+import logging
+
+# bitsandbytes' CPU build logs, at every import (PEFT imports it when installed), that an optional fused CPU kernel
+# package is missing; it is advice about speed on CPUs, not a problem with the run. Keep it out of every output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .config import MethodConfig
 from .core import GENLORA_CONFIG_NAME, GenLoRAHandle, Method, Phase, Requirement, TrainInstance, attach
 from .methods import FlatLoRA, FlatLoRAConfig, LoRADropout, LoRADropoutConfig, LoRASC, LoRASCConfig, RMLoRA, RMLoRAConfig
