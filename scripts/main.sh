@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job: set up on a fresh machine (package, offline model and data), then run the default comparison
-# (configs/default_compare.yaml): all-MiniLM-L6-v2 with LoRA on all linear layers, 200 VADER movie sentences, plain
-# LoRA, the baselines a user would pick instead (PEFT's lora_dropout, weight decay, early stopping), each genlora
-# method and all four combined, every variant tuned on a fixed validation split, 3 seeds, in-domain and out-of-domain
-# tests; prints the tables and writes tables and plots to runs/compare_default (runs/compare_quick with --quick).
+# (configs/default_compare.yaml): all-MiniLM-L6-v2 with LoRA on all linear layers, 100 VADER movie sentences, plain
+# LoRA, early stopping (the baseline a user would pick first), Flat-LoRA, LoRASC, LoRA Dropout and all four tuned as
+# a combination, every variant tuned on a fixed validation split, 3 seeds, in-domain and out-of-domain tests; prints
+# the tables and writes tables and plots to runs/compare_default (runs/compare_quick with --quick).
 # Resumable: run it again to continue after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."

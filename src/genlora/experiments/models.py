@@ -89,6 +89,17 @@ def init_new_parameters(model, names: list[str], seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(std).to(p.dtype))
 
 
+def load_model_and_tokenizer(auto_class, path: str | os.PathLike, dtype: str, seed: int, **kwargs):
+    """(model, tokenizer) from a local folder: new parameters (a classification head) drawn from `seed`, the
+    model's pad token set from the tokenizer when the checkpoint has none (padded batches need it)."""
+    model, missing = load_pretrained(auto_class, path, dtype, **kwargs)
+    init_new_parameters(model, missing, seed)
+    tokenizer = load_tokenizer(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
     from transformers import AutoTokenizer
 

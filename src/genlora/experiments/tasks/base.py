@@ -56,8 +56,13 @@ class Task:
         raise NotImplementedError
 
     def lora_config(self, cfg: TrainConfig, model):
-        """The PEFT LoraConfig of the run."""
-        raise NotImplementedError
+        """The PEFT LoraConfig of the run: `lora.*` with the targets resolved against the model and the task's PEFT
+        task type (which decides what PEFT saves beside the adapter, e.g. a classification head)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                          target_modules=resolve_targets(model, cfg.lora.target_modules),
+                          task_type=self.peft_task_type)
 
     def encode(self, processor, data, cfg: TrainConfig) -> Encoded:
         raise NotImplementedError

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from ..config import ConfigError, TrainConfig
 from ..data import TextData, check_data, make_splits
 from ..metrics import classification_metrics
-from ..models import init_new_parameters, load_pretrained, load_tokenizer, local_folder
-from .base import Encoded, Task, resolve_targets
+from ..models import load_model_and_tokenizer, local_folder
+from .base import Encoded, Task
 
 IGNORE = -100
 PROMPT = "Sentence: {text}\nSentiment:"
@@ -68,19 +68,7 @@ class CausalLM(Task):
     def load_base(self, cfg: TrainConfig, seed: int):
         from transformers import AutoModelForCausalLM
 
-        folder = self.model_folder(cfg)
-        model, missing = load_pretrained(AutoModelForCausalLM, folder, cfg.model.dtype)
-        init_new_parameters(model, missing, seed)
-        tokenizer = load_tokenizer(folder, padding_side="right")
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model, tokenizer
-
-    def lora_config(self, cfg: TrainConfig, model):
-        from peft import LoraConfig
-
-        return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
-                          target_modules=resolve_targets(model, cfg.lora.target_modules), task_type="CAUSAL_LM")
+        return load_model_and_tokenizer(AutoModelForCausalLM, self.model_folder(cfg), cfg.model.dtype, seed)
 
     # --- examples -------------------------------------------------------------------------------------------------
     def _words(self, tokenizer, cfg: TrainConfig) -> list[list[int]]:

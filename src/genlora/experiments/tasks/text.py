@@ -9,8 +9,8 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..data import TextData, check_data, infer_num_labels, make_splits
-from ..models import MINILM_SHA256, init_new_parameters, load_pretrained, load_tokenizer, local_folder, minilm_path
-from .base import Encoded, resolve_targets
+from ..models import MINILM_SHA256, load_model_and_tokenizer, local_folder, minilm_path
+from .base import Encoded
 from .classification import ClassificationTask
 
 # BERT-style names of the linear layers (data.md): used when a config lists them for another encoder family.
@@ -43,20 +43,8 @@ class TextClassification(ClassificationTask):
     def load_base(self, cfg: TrainConfig, seed: int):
         from transformers import AutoModelForSequenceClassification
 
-        folder = self.model_folder(cfg)
-        model, missing = load_pretrained(AutoModelForSequenceClassification, folder, cfg.model.dtype,
-                                         num_labels=self.num_labels(cfg))
-        init_new_parameters(model, missing, seed)
-        tokenizer = load_tokenizer(folder)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model, tokenizer
-
-    def lora_config(self, cfg: TrainConfig, model):
-        from peft import LoraConfig
-
-        return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
-                          target_modules=resolve_targets(model, cfg.lora.target_modules), task_type="SEQ_CLS")
+        return load_model_and_tokenizer(AutoModelForSequenceClassification, self.model_folder(cfg), cfg.model.dtype,
+                                        seed, num_labels=self.num_labels(cfg))
 
     def encode(self, tokenizer, data: TextData, cfg: TrainConfig) -> Encoded:
         enc = tokenizer(list(data.texts), truncation=True, max_length=cfg.data.max_length)
