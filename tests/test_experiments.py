@@ -178,19 +178,23 @@ def test_lora_dropout_run_uses_the_test_time_ensemble(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["ensemble"] is None
 
 
-def test_early_stopping_restores_the_best_validation_point(tiny, tmp_path):
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_early_stopping_restores_the_best_validation_point(tiny, tmp_path, metric):
     from genlora.experiments.run import run
 
     cfg = TrainConfig.from_dict(train_cfg(tiny, "x", training={"epochs": 6, "early_stopping": True, "patience": 1,
-                                                               "lr": 5e-2},
+                                                               "lr": 5e-2, "early_stopping_metric": metric},
                                           evaluation={"curve_points": 6, "curve_splits": ["validation"],
                                                       "sharpness": False, "landscape_scales": []}))
     m = run(cfg, tmp_path / "es", progress=False)
-    losses = [p["validation"]["loss"] for p in m["curve"]]
-    best = int(np.argmin(losses))
+    watched = [p["validation"][metric] for p in m["curve"]]
+    best = int(np.argmin(watched) if metric == "loss" else np.argmax(watched))  # the first best point
     assert m["early_stopping"]["restored_step"] == m["curve"][best]["step"]
-    if best < len(losses) - 1:  # a later point was worse: the saved adapter is the best point's, not the last
-        assert m["eval"]["validation"]["loss"] == pytest.approx(losses[best], rel=1e-4)
+    better = (lambda a, b: a < b) if metric == "loss" else (lambda a, b: a > b)
+    for i in range(1, len(watched) - 1):  # patience 1: it ran on only while the watched metric kept improving
+        assert better(watched[i], watched[i - 1])
+    if best < len(watched) - 1:  # a later point was worse: the saved adapter is the best point's, not the last
+        assert m["eval"]["validation"]["loss"] == pytest.approx(m["curve"][best]["validation"]["loss"], rel=1e-4)
     assert m["early_stopping"]["stopped_early"] == (m["steps"] < m["planned_steps"])
 
 
@@ -279,6 +283,10 @@ def test_compare_tunes_on_validation_reports_and_resumes(tiny, tmp_path, capsys,
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["variant"] for r in rows} == {"lora", "lora_wd", "flat_lora"}
 
+    for saved in out.rglob("config.yaml"):  # cells written before a config key existed (at its default now)
+        c = yaml.safe_load(saved.read_text())
+        del c["training"]["early_stopping_metric"]
+        saved.write_text(yaml.safe_dump(c))
     assert cli.main(["compare", path, "--no-progress"]) == 0  # resume: everything reused
     res = json.loads((out / "results.json").read_text())
     assert res["cells_run"] == 0 and res["cells_reused"] == len(tuning_cells) + 9
@@ -351,6 +359,7 @@ def test_progress_is_plain_lines_when_not_a_terminal(capsys):
         ({"data": {"ood": ["missing.csv"]}}, "data.ood[0]"),
         ({"data": {"train_size": 500}}, "data.train_size"),  # more than the file holds
         ({"training": {"early_stopping": True}, "evaluation": {"curve_points": 0}}, "training.early_stopping"),
+        ({"training": {"early_stopping_metric": "f1"}}, "training.early_stopping_metric"),
     ],
 )
 def test_train_config_errors_name_the_key_before_writing(tiny, tmp_path, capsys, patch, key):

@@ -134,3 +134,14 @@ def test_packaged_smollm2_converts_once_and_reloads(tmp_path):
     assert "quantization_config" not in config.to_dict()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert smollm.packaged_lm_path() == folder and (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_early_stopping_on_accuracy_needs_labels(tiny_lm, tmp_path, capsys):
+    cfg = lm_cfg(tiny_lm, tmp_path / "never", data={"lm_format": "text"},
+                 training={"early_stopping": True, "early_stopping_metric": "accuracy"},
+                 evaluation={"curve_points": 2})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["train", str(path), "--no-progress"]) == 2
+    assert "training.early_stopping_metric" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

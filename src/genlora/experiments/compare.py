@@ -78,6 +78,10 @@ def run_cell(path: Path, cfg: TrainConfig, *, keep_adapter: bool, progress: bool
     if (path / "metrics.json").is_file():
         with open(path / "config.yaml") as f:
             saved = yaml.safe_load(f)
+        try:  # a key added to the config since (at its default) does not make a finished cell another run
+            saved = json.loads(json.dumps(TrainConfig.from_dict(saved).to_dict()))
+        except (ConfigError, TypeError, ValueError):
+            pass  # not parseable any more: compared as written, and reported below
         if saved != wanted:
             diff = sorted(_diff_keys(saved, wanted))
             raise ConfigError(f"finished cell {path} was run with another config (differs at {diff[:6]}); use another "

@@ -20,7 +20,7 @@ from .method_entries import MethodEntry, method_entries
 # Run-config keys a variant may fix or tune. Data keys are absent on purpose: every variant sees the same examples.
 TUNABLE_KEYS = {
     "training": ("lr", "epochs", "min_steps", "batch_size", "weight_decay", "warmup_ratio", "lr_schedule",
-                 "max_grad_norm", "early_stopping", "patience"),
+                 "max_grad_norm", "early_stopping", "early_stopping_metric", "patience"),
     "lora": ("r", "lora_alpha", "lora_dropout", "target_modules"),
     "evaluation": ("curve_points",),  # early stopping checks the validation loss at these points
 }

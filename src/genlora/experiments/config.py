@@ -189,8 +189,11 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0: none)."""
     early_stopping: bool = False
-    """Stop when the validation loss has not improved for `patience` evaluation points and restore the best
-    (needs data.validation_size > 0; evaluation points: evaluation.curve_points)."""
+    """Stop when the validation `early_stopping_metric` has not improved for `patience` evaluation points and restore
+    the best point (needs data.validation_size > 0; evaluation points: evaluation.curve_points)."""
+    early_stopping_metric: Literal["loss", "accuracy"] = "loss"
+    """What early stopping watches on validation: `loss` (the Trainer's default `metric_for_best_model`) or
+    `accuracy` (tasks with labels). On small data the validation loss can turn up long before accuracy stops rising."""
     patience: int = 2
     seed: int = 0
     """The run's seed: training subset and order, LoRA and head init, and every method's own seed (derived from it
@@ -215,6 +218,7 @@ class TrainingConfig:
         check_choice("lr_schedule", self.lr_schedule, ("linear", "cosine", "constant", "constant_with_warmup"))
         check_range("max_grad_norm", self.max_grad_norm, low=0.0)
         check_bool("early_stopping", self.early_stopping)
+        check_choice("early_stopping_metric", self.early_stopping_metric, ("loss", "accuracy"))
         check_int("patience", self.patience, low=1)
         check_int("seed", self.seed, low=0)
         check_bool("group_by_length", self.group_by_length)
@@ -345,6 +349,9 @@ def cross_check(cfg: TrainConfig) -> None:
     ev, dc, tc = cfg.evaluation, cfg.data, cfg.training
     if dc.validation_size == 0 and tc.early_stopping:  # (evaluation splits that do not exist are skipped)
         raise ValueError("training.early_stopping needs a validation split: data.validation_size > 0")
+    if tc.early_stopping and tc.early_stopping_metric == "accuracy" and cfg.task == "lm" and dc.lm_format == "text":
+        raise ValueError("training.early_stopping_metric='accuracy' needs labels; data.lm_format='text' has none "
+                         "(use 'loss')")
     if tc.early_stopping and (ev.curve_points < 2 or "validation" not in ev.curve_splits):
         raise ValueError("training.early_stopping needs evaluation.curve_points >= 2 with 'validation' in "
                          "evaluation.curve_splits (the points it checks)")

@@ -81,7 +81,9 @@ def train_loop(model, handle, optimizer, scheduler, train: Encoded, collate, tc,
     """Run `epochs` over `train` (batches a pure function of (seed, epoch)); see the module docstring."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = LoopResult(steps=0, epoch_losses=[])
+    # early stopping: the best validation score so far, as a loss (accuracy enters negated: lower is better)
     best, best_loss, since_best = None, math.inf, 0
+    watched = tc.early_stopping_metric
     start = time.perf_counter()
     window, window_n = 0.0, 0
     model.train()
@@ -115,7 +117,8 @@ def train_loop(model, handle, optimizer, scheduler, train: Encoded, collate, tc,
                     log.write({"event": "eval", **point}, _curve_line(point))
                     model.train()
                     if tc.early_stopping:
-                        loss = point["validation"]["loss"]
+                        score = point["validation"][watched]
+                        loss = -score if watched == "accuracy" else score
                         if loss < best_loss:
                             best, best_loss, since_best = _snapshot(model, handle), loss, 0
                             result.restored_step = result.steps
@@ -132,8 +135,8 @@ def train_loop(model, handle, optimizer, scheduler, train: Encoded, collate, tc,
     if tc.early_stopping and best is not None:
         _restore(model, handle, best)
         log.write({"event": "early_stopping", "restored_step": result.restored_step, "stopped_at": result.steps},
-                  f"early stopping: restored the evaluation point at step {result.restored_step} (validation loss "
-                  f"{best_loss:.4f}); stopped at step {result.steps}")
+                  f"early stopping: restored the evaluation point at step {result.restored_step} (validation "
+                  f"{watched} {abs(best_loss):.4f}); stopped at step {result.steps}")
     return result
 
 
