@@ -295,6 +295,37 @@ def test_compare_tunes_on_validation_reports_and_resumes(tiny, tmp_path, capsys,
     assert "another config" in capsys.readouterr().err
 
 
+def test_workers_run_independent_cells_at_once_with_the_same_results(tiny, tmp_path, monkeypatch):
+    """workers=2: tuning batches and compared cells run in worker processes; every number equals a one-process run."""
+    batches = []
+    real_prefetch = cmp.Counter.prefetch
+
+    def prefetch(self, jobs):
+        real_prefetch(self, jobs)
+        batches.append((len(jobs), self.pool is not None))
+
+    monkeypatch.setattr(cmp.Counter, "prefetch", prefetch)
+    results = {}
+    for workers in (1, 2):
+        cfg = compare_cfg(tiny, tmp_path / f"w{workers}", workers=workers,
+                          variants=[{"name": "lora"},
+                                    {"name": "flat_lora", "methods": [{"method": "flat_lora"}],
+                                     "grid": {"flat_lora.sigma": [0.05, 0.2]}}],
+                          tuning={"seeds": [10, 11], "lr": [1e-2]})
+        cfg["base"]["training"]["num_threads"] = 1
+        assert cli.main(["compare", write(tmp_path / f"w{workers}.yaml", cfg), "--no-progress"]) == 0
+        results[workers] = json.loads((tmp_path / f"w{workers}" / "results.json").read_text())
+    assert (4, True) in batches and (6, True) in batches  # sigma x tuning seeds, then variants x seeds, in a pool
+    one, two = (r["settings"][0] for r in (results[1], results[2]))
+    assert results[1]["cells_run"] == results[2]["cells_run"] == 4 + 6
+    assert one["tuning"] == two["tuning"]
+    for v in ("lora", "flat_lora"):
+        for seed, summary in one["variants"][v]["per_seed"].items():
+            other = two["variants"][v]["per_seed"][seed]
+            for k in ("train_acc", "test_acc", "test_loss", "validation_loss"):
+                assert other[k] == pytest.approx(summary[k], rel=1e-6, abs=1e-9), (v, seed, k)
+
+
 def test_quick_comparison_prints_no_absurd_intervals(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     path = write(tmp_path / "cmp.yaml", compare_cfg(tiny, out))
@@ -382,6 +413,7 @@ def test_compare_config_errors_name_the_key(tiny, tmp_path, capsys):
         ({"variants": [{"name": "lora", "grid": {"data.train_size": [10]}}]}, "data.train_size"),
         ({"baseline": "nope"}, "baseline"),
         ({"tuning": {"seeds": [1]}}, "tuning.seeds"),
+        ({"workers": 0}, "workers"),
         ({"base": {**compare_cfg(tiny, out)["base"], "data": {**compare_cfg(tiny, out)["base"]["data"],
                                                               "validation_size": 50}}}, "validation_size"),
     ]:

@@ -104,17 +104,62 @@ def _diff_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def _run_cell_job(path: str, cfg: dict[str, Any], keep_adapter: bool) -> tuple[dict[str, Any], bool]:
+    """run_cell in a worker process (the config travels as its plain dict)."""
+    return run_cell(Path(path), TrainConfig.from_dict(cfg), keep_adapter=keep_adapter, progress=False)
+
+
+@dataclass
+class Job:
+    path: Path
+    cfg: TrainConfig
+    label: str
+    keep_adapter: bool = False
+
+
 class Counter:
-    def __init__(self, total: int, progress: bool):
+    """Runs (or reuses) cells and counts them; with `workers` > 1, `prefetch` runs a batch of independent cells at
+    once in worker processes, and `cell` then hands out their results."""
+
+    def __init__(self, total: int, progress: bool, workers: int = 1):
         self.ran = self.reused = 0
         self.bar = Progress(total, "cells", enabled=progress, leave=True, every_s=30.0)
+        self.workers = workers
+        self.pool = None
+        self.done: dict[Path, dict[str, Any]] = {}
 
-    def cell(self, path: Path, cfg: TrainConfig, label_: str, *, keep_adapter: bool, progress: bool):
-        metrics, ran = run_cell(path, cfg, keep_adapter=keep_adapter, progress=progress)
+    def _count(self, ran: bool, label_: str) -> None:
         self.ran += ran
         self.reused += not ran
         self.bar.update(1, cell=label_)
+
+    def prefetch(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if j.path not in self.done]
+        if self.workers == 1 or len(jobs) < 2:
+            return  # run one by one by `cell`, as without workers
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: a fresh interpreter per worker (fork would copy this process's torch threads and caches)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = [(j, self.pool.submit(_run_cell_job, str(j.path), j.cfg.to_dict(), j.keep_adapter)) for j in jobs]
+        for job, future in futures:
+            metrics, ran = future.result()  # a failed cell raises here, as it would in this process
+            self.done[job.path] = metrics
+            self._count(ran, job.label)
+
+    def cell(self, job: Job, progress: bool) -> dict[str, Any]:
+        if job.path in self.done:
+            return self.done[job.path]
+        metrics, ran = run_cell(job.path, job.cfg, keep_adapter=job.keep_adapter, progress=progress)
+        self._count(ran, job.label)
         return metrics
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 # --- the comparison --------------------------------------------------------------------------------------------------
@@ -144,41 +189,15 @@ def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
     write_yaml(out / "compare_config.yaml", cfg.to_dict())
     task = get_task(cfg.base.task)
     metric = cfg.tuning.metric if cfg.tuning.metric != "auto" else task.metric_for_selection(cfg.base)
-    counter = Counter(count_cells(cfg, settings), progress)
+    counter = Counter(count_cells(cfg, settings), progress, cfg.workers)
     inner = progress and counter.bar.on_terminal  # per-run bars only on a terminal; plain logs stay short
     t0, c0 = time.perf_counter(), time.process_time()
     order = sorted(cfg.variants, key=lambda v: v.name != cfg.baseline)  # the baseline is tuned first
     settings_out = []
-    for s in settings:
-        base = setting_base(cfg, s)
-        chosen: dict[str, dict[str, Any]] = {}
-        tuning_report: dict[str, Any] = {}
-        if cfg.tuning.enabled:
-            for v in order:
-                result = tune_variant(cfg, base, v, s, out, counter, metric, chosen.get(cfg.baseline), inner)
-                chosen[v.name] = result.chosen
-                key = "validation_acc" if metric == "accuracy" else "validation_loss"
-                tuning_report[v.name] = {"metric": metric, "chosen": result.chosen,
-                                         "tried": [{"point": t.point, "score": t.score,
-                                                    "validation": [x.get(key) for x in t.summaries]}
-                                                   for t in result.tried]}
-                say("genlora compare", f"{s.key}: {v.name} chose {label(result.chosen)}")
-        variants_out = {}
-        for v in cfg.variants:
-            point = chosen.get(v.name, {})
-            per_seed, cells = {}, {}
-            for seed in cfg.seeds:
-                path = out / "cells" / s.key / v.name / f"seed-{seed}"
-                run_cfg = apply(base, v, point, seed)
-                m = counter.cell(path, run_cfg, f"{s.key} {v.name} seed {seed}", keep_adapter=cfg.save_adapters,
-                                 progress=inner)
-                per_seed[seed] = m["summary"]
-                cells[seed] = os.fspath(path.relative_to(out))
-            variants_out[v.name] = {"methods": [e.to_dict() for e in v.methods], "overrides": v.overrides,
-                                    "chosen": point, "per_seed": per_seed, "cells": cells}
-        settings_out.append({"setting": s.key, "train_size": s.train_size, "tuning": tuning_report,
-                             "variants": variants_out})
-    counter.bar.close()
+    try:
+        _run_settings(cfg, settings, out, counter, metric, order, inner, settings_out)
+    finally:
+        counter.close()
     results = {
         "task": cfg.base.task,
         "baseline": cfg.baseline,
@@ -204,21 +223,57 @@ def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
     return results
 
 
+def _run_settings(cfg: CompareConfig, settings: list[Setting], out: Path, counter: Counter, metric: str,
+                  order: list[Variant], inner: bool, settings_out: list[dict[str, Any]]) -> None:
+    """Per setting: tune every variant (the baseline first), then run every variant x seed with its choice."""
+    for s in settings:
+        base = setting_base(cfg, s)
+        chosen: dict[str, dict[str, Any]] = {}
+        tuning_report: dict[str, Any] = {}
+        if cfg.tuning.enabled:
+            for v in order:
+                result = tune_variant(cfg, base, v, s, out, counter, metric, chosen.get(cfg.baseline), inner)
+                chosen[v.name] = result.chosen
+                key = "validation_acc" if metric == "accuracy" else "validation_loss"
+                tuning_report[v.name] = {"metric": metric, "chosen": result.chosen,
+                                         "tried": [{"point": t.point, "score": t.score,
+                                                    "validation": [x.get(key) for x in t.summaries]}
+                                                   for t in result.tried]}
+                say("genlora compare", f"{s.key}: {v.name} chose {label(result.chosen)}")
+        jobs = {(v.name, seed): Job(out / "cells" / s.key / v.name / f"seed-{seed}",
+                                    apply(base, v, chosen.get(v.name, {}), seed), f"{s.key} {v.name} seed {seed}",
+                                    cfg.save_adapters)
+                for v in cfg.variants for seed in cfg.seeds}
+        counter.prefetch(list(jobs.values()))  # every compared cell is independent of the others
+        variants_out = {}
+        for v in cfg.variants:
+            point = chosen.get(v.name, {})
+            per_seed, cells = {}, {}
+            for seed in cfg.seeds:
+                job = jobs[v.name, seed]
+                per_seed[seed] = counter.cell(job, inner)["summary"]
+                cells[seed] = os.fspath(job.path.relative_to(out))
+            variants_out[v.name] = {"methods": [e.to_dict() for e in v.methods], "overrides": v.overrides,
+                                    "chosen": point, "per_seed": per_seed, "cells": cells}
+        settings_out.append({"setting": s.key, "train_size": s.train_size, "tuning": tuning_report,
+                             "variants": variants_out})
+
+
 def tune_variant(cfg: CompareConfig, base: TrainConfig, v: Variant, s: Setting, out: Path, counter: Counter,
                  metric: str, baseline_choice: dict[str, Any] | None, progress: bool) -> SearchResult:
     axes = axes_of(v, cfg.tuning)
     reference = reference_point(axes, baseline_choice)
 
+    def job(point: dict[str, Any], seed: int) -> Job:
+        return Job(out / "tuning" / s.key / v.name / label(point) / f"seed-{seed}",
+                   tuning_config(apply(base, v, point, seed)), f"tune {s.key} {v.name} {label(point)} seed {seed}")
+
     def evaluate(point: dict[str, Any]) -> list[dict[str, float]]:
-        summaries = []
-        for seed in cfg.tuning.seeds:
-            path = out / "tuning" / s.key / v.name / label(point) / f"seed-{seed}"
-            run_cfg = tuning_config(apply(base, v, point, seed))
-            m = counter.cell(path, run_cfg, f"tune {s.key} {v.name} {label(point)} seed {seed}", keep_adapter=False,
-                             progress=progress)
-            summaries.append(m["summary"])
-        return summaries
+        return [counter.cell(job(point, seed), progress)["summary"] for seed in cfg.tuning.seeds]
+
+    def prefetch(points: list[dict[str, Any]]) -> None:
+        counter.prefetch([job(p, seed) for p in points for seed in cfg.tuning.seeds])
 
     if all(len(a.values) == 1 for a in axes):  # nothing to choose: no tuning runs
         return SearchResult({a.key: a.values[0] for a in axes}, [], metric)
-    return search(axes, cfg.tuning, metric, reference, evaluate)
+    return search(axes, cfg.tuning, metric, reference, evaluate, prefetch)

@@ -145,6 +145,10 @@ class CompareConfig:
     plots: bool = True
     save_adapters: bool = False
     """Keep each compared cell's adapter (tuning cells never keep theirs)."""
+    workers: int = 1
+    """Cells run at once, each in its own process: the cells that do not depend on each other (a tuning axis's
+    values x tuning seeds, then every variant x seed). Keep workers x base.training.num_threads within the CPU cores.
+    Results do not depend on it (a cell's numbers depend on its config only)."""
     quick_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides applied by --quick (a smaller version of the same comparison)."""
 
@@ -169,6 +173,7 @@ class CompareConfig:
         check_str("output_dir", self.output_dir)
         check_bool("plots", self.plots)
         check_bool("save_adapters", self.save_adapters)
+        check_int("workers", self.workers, low=1)
         if self.base.methods:
             raise ValueError("base.methods must be empty: list each row's methods under `variants`")
         if self.tuning.enabled and self.base.data.validation_size < self.tuning.min_validation:

@@ -102,8 +102,11 @@ def select(tried: list[Scored], metric: str, tolerance: float, reference: dict[s
 
 
 def search(axes: list[Axis], tuning: TuningConfig, metric: str, reference: dict[str, Any],
-           evaluate: Callable[[dict[str, Any]], list[dict[str, float]]]) -> SearchResult:
-    """Search `axes`; `evaluate(point)` returns the validation summaries of the point's runs (one per seed)."""
+           evaluate: Callable[[dict[str, Any]], list[dict[str, float]]],
+           prefetch: Callable[[list[dict[str, Any]]], None] | None = None) -> SearchResult:
+    """Search `axes`; `evaluate(point)` returns the validation summaries of the point's runs (one per seed).
+    `prefetch(points)`, when given, is told every batch of points whose runs do not depend on each other before they
+    are evaluated (so that they can run at once)."""
     key = "validation_acc" if metric == "accuracy" else "validation_loss"
     cache: dict[str, Scored] = {}
 
@@ -115,16 +118,20 @@ def search(axes: list[Axis], tuning: TuningConfig, metric: str, reference: dict[
             cache[name] = Scored(dict(point), summaries, float(sum(values) / len(values)))
         return cache[name]
 
+    def batch(points: list[dict[str, Any]]) -> list[Scored]:
+        if prefetch is not None:
+            prefetch([p for p in points if label(p) not in cache])
+        return [score(p) for p in points]
+
     if tuning.search == "grid":
-        for values in itertools.product(*(a.values for a in axes)):
-            score(dict(zip((a.key for a in axes), values)))
+        batch([dict(zip((a.key for a in axes), values)) for values in itertools.product(*(a.values for a in axes))])
     else:
         current = {a.key: (reference[a.key] if reference.get(a.key) in a.values else a.values[0]) for a in axes}
         for _ in range(tuning.rounds):
             for axis in axes:
                 if len(axis.values) == 1:
                     continue
-                candidates = [score({**current, axis.key: v}) for v in axis.values]
+                candidates = batch([{**current, axis.key: v} for v in axis.values])
                 current = dict(select(candidates, metric, tuning.tie_tolerance, reference).point)
         score(current)
     tried = list(cache.values())
