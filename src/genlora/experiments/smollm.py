@@ -5,7 +5,7 @@ about 20 s; `save_pretrained` refuses a GGUF-flagged model, so the weights are m
 
 The package is never imported (its own imports pull heavy dependencies): its folder is found with
 `importlib.util.find_spec`. The GGUF file is checked against the pinned sha256 before conversion, and the cache
-folder is written under a temporary name and renamed when complete (shared/spec/data.md).
+folder is written under a temporary name and renamed when complete (docs/data.md).
 """
 
 from __future__ import annotations

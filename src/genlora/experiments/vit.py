@@ -1,6 +1,6 @@
 """The vision task's base model: a small ViT (`transformers.ViTForImageClassification` built from a config), pretrained
 here on Fashion-MNIST once and cached, because no pretrained vision transformer ships in any package
-(shared/spec/data.md). `pretrain_base` trains it (about 3 minutes of CPU with the defaults) into
+(docs/data.md). `pretrain_base` trains it (about 3 minutes of CPU with the defaults) into
 `<cache_dir>/vit-fmnist-<key>/`: `save_pretrained` files plus `pretrain.json` (its training config, data, test
 accuracy, time). `<key>` hashes everything that changes the weights, so another config trains another base; a base
 that exists is reused. The folder is written under a temporary name and renamed when complete.

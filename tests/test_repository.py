@@ -1,0 +1,34 @@
+"""The repository explains itself: comments and docs cite files inside it, and what the docs name exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CITING = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "src").rglob("*.py"),
+          *(ROOT / "scripts").glob("*.sh"), *(ROOT / "configs").glob("*.yaml"), *(ROOT / "bench").glob("*.*")]
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    outside = re.compile(r"(\.\./)?shared/spec|\.\./shared/")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in CITING if p.is_file()
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert not hits, f"cite docs/ instead of the spec outside the repository: {hits}"
+
+
+def test_docs_links_in_the_readme_resolve():
+    links = re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text())
+    assert "docs/data.md" in links and "docs/methods.md" in links
+    assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+def test_every_pin_docs_data_names_is_defined_in_the_code():
+    """docs/data.md tells a maintainer where each sha256 and threshold lives: those names must exist there."""
+    text = (ROOT / "docs" / "data.md").read_text()
+    named = set(re.findall(r"`(models|data|smollm|vision_data)\.([A-Z][A-Z0-9_]+)`", text))
+    assert {("models", "MINILM_SHA256"), ("data", "VADER_SDIST_SHA256"), ("smollm", "GGUF_SHA256"),
+            ("vision_data", "FASHION_SHA256")} <= named
+    for module, name in named:
+        source = (ROOT / "src" / "genlora" / "experiments" / f"{module}.py").read_text()
+        assert re.search(rf"^{name}\s*(:[^=]+)?=", source, re.M), f"docs/data.md names {module}.{name}, not defined"
