@@ -283,13 +283,27 @@ def test_compare_tunes_on_validation_reports_and_resumes(tiny, tmp_path, capsys,
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["variant"] for r in rows} == {"lora", "lora_wd", "flat_lora"}
 
-    for saved in out.rglob("config.yaml"):  # cells written before a config key existed (at its default now)
-        c = yaml.safe_load(saved.read_text())
+    flat_configs = []
+    for saved in out.rglob("config.yaml"):  # cells written before a config key existed (at its default now), or
+        c = yaml.safe_load(saved.read_text())  # with a method option written out at its default
         del c["training"]["early_stopping_metric"]
+        for entry in c["methods"]:
+            entry["resample_every"] = 1
+            flat_configs.append(saved)
         saved.write_text(yaml.safe_dump(c))
+    assert flat_configs
     assert cli.main(["compare", path, "--no-progress"]) == 0  # resume: everything reused
     res = json.loads((out / "results.json").read_text())
     assert res["cells_run"] == 0 and res["cells_reused"] == len(tuning_cells) + 9
+    c = yaml.safe_load(flat_configs[-1].read_text())
+    c["methods"][0]["resample_every"] = 2  # not the default: another run
+    flat_configs[-1].write_text(yaml.safe_dump(c))
+    capsys.readouterr()
+    assert cli.main(["compare", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "methods" in err
+    c["methods"][0]["resample_every"] = 1
+    flat_configs[-1].write_text(yaml.safe_dump(c))
     capsys.readouterr()
     assert cli.main(["compare", path, "--no-progress", "--base.training.warmup_ratio=0.2"]) == 2
     assert "another config" in capsys.readouterr().err

@@ -74,12 +74,12 @@ def run_cell(path: Path, cfg: TrainConfig, *, keep_adapter: bool, progress: bool
     """(metrics, ran): the finished cell's metrics, or the metrics of running it now."""
     import yaml
 
-    wanted = json.loads(json.dumps(cfg.to_dict()))
+    wanted = _as_run(cfg)
     if (path / "metrics.json").is_file():
         with open(path / "config.yaml") as f:
             saved = yaml.safe_load(f)
-        try:  # a key added to the config since (at its default) does not make a finished cell another run
-            saved = json.loads(json.dumps(TrainConfig.from_dict(saved).to_dict()))
+        try:  # a key added since, or a method option now written out, at its default: still the same run
+            saved = _as_run(TrainConfig.from_dict(saved))
         except (ConfigError, TypeError, ValueError):
             pass  # not parseable any more: compared as written, and reported below
         if saved != wanted:
@@ -94,6 +94,15 @@ def run_cell(path: Path, cfg: TrainConfig, *, keep_adapter: bool, progress: bool
     metrics = run(cfg, tmp, progress=progress, keep_adapter=keep_adapter)
     os.replace(tmp, path)
     return metrics, True
+
+
+def _as_run(cfg: TrainConfig) -> dict[str, Any]:
+    """What a cell runs, for comparing a finished cell's config with the wanted one: the config as plain data, each
+    method entry with all its options (unset ones at their defaults), so that a grid axis added later reuses the
+    cells run at its default value."""
+    data = json.loads(json.dumps(cfg.to_dict()))
+    data["methods"] = [json.loads(json.dumps(e.resolved())) for e in cfg.methods]
+    return data
 
 
 def _diff_keys(a, b, prefix=""):

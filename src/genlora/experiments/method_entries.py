@@ -46,6 +46,13 @@ class MethodEntry:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **self.options}
 
+    def resolved(self) -> dict[str, Any]:
+        """Every option of the method, the unset ones at their defaults: two entries that run the same method the
+        same way (`{method: lora_dropout, p: 0.1}` and `{..., p: 0.1, n_train: 1}`) resolve to the same mapping."""
+        from ..registry import METHODS
+
+        return {"method": self.method, **METHODS[self.method].config_class.from_dict(self.options).to_dict()}
+
     def with_options(self, **options: Any) -> MethodEntry:
         return MethodEntry(self.method, {**self.options, **options})
 
