@@ -333,6 +333,9 @@ def test_workers_run_independent_cells_at_once_with_the_same_results(tiny, tmp_p
     one, two = (r["settings"][0] for r in (results[1], results[2]))
     assert results[1]["cells_run"] == results[2]["cells_run"] == 4 + 6
     assert one["tuning"] == two["tuning"]
+    # the CPU time counts the workers' (where the cells ran): at least the compared cells' own training CPU time
+    trained = sum(s["train_cpu_time_s"] for v in two["variants"].values() for s in v["per_seed"].values())
+    assert results[2]["cpu_time_s"] >= trained > 0
     for v in ("lora", "flat_lora"):
         for seed, summary in one["variants"][v]["per_seed"].items():
             other = two["variants"][v]["per_seed"][seed]
