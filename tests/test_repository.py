@@ -32,3 +32,25 @@ def test_every_pin_docs_data_names_is_defined_in_the_code():
     for module, name in named:
         source = (ROOT / "src" / "genlora" / "experiments" / f"{module}.py").read_text()
         assert re.search(rf"^{name}\s*(:[^=]+)?=", source, re.M), f"docs/data.md names {module}.{name}, not defined"
+
+
+def test_archived_cells_of_unfinished_runs_resume():
+    """results/unfinished/<run>/ keeps the finished cells of a published comparison that did not finish in one sitting
+    (copied back into its output_dir, the next run reuses them). Each must be a run the runner can still read: its
+    config parses, it has metrics, and the folder is a published config's output_dir. No adapter weights."""
+    import yaml
+
+    from genlora.experiments.compare import _as_run
+    from genlora.experiments.config import TrainConfig
+
+    archive = ROOT / "results" / "unfinished"
+    runs = sorted(p for p in archive.iterdir() if p.is_dir()) if archive.is_dir() else []
+    outputs = {Path(yaml.safe_load(p.read_text())["output_dir"]).name for p in (ROOT / "configs").glob("published_*.yaml")}
+    for run in runs:
+        assert run.name in outputs, f"{run.name} is no published config's output_dir ({sorted(outputs)})"
+        configs = sorted(run.rglob("config.yaml"))
+        assert configs, f"{run} holds no cells"
+        for path in configs:
+            assert (path.parent / "metrics.json").is_file(), f"{path.parent} is not a finished cell"
+            _as_run(TrainConfig.from_dict(yaml.safe_load(path.read_text())))  # raises where a key was renamed
+        assert not list(run.rglob("*.safetensors")) and not list(run.rglob("*.tmp")), f"{run}: weights or partial cells"
