@@ -169,7 +169,14 @@ def test_lora_dropout_run_uses_the_test_time_ensemble(tiny, tmp_path, capsys):
     cfg = train_cfg(tiny, out, methods=[{"method": "lora_dropout", "p": 0.2, "n_train": 2, "n_test": 2}],
                     training={"epochs": 1}, evaluation={"sharpness": False, "landscape_scales": [], "spectra": False})
     assert cli.main(["train", write(tmp_path / "drop.yaml", cfg), "--no-progress"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["ensemble"] == {"used": True, "n_test": 2}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ensemble"] == {"used": True, "n_test": 2}
+    # the curves measure the deployed model too: at the last step, the live ensemble equals the reloaded one (the raw
+    # adapter, 1/(1-p)^2 = 1.56 times the training-mean update, would not)
+    last = metrics["curve"][-1]
+    assert last["step"] == metrics["steps"]
+    for split in ("validation", "test"):
+        assert last[split]["loss"] == pytest.approx(metrics["eval"][split]["loss"], rel=1e-4), split
     capsys.readouterr()
     args = ["eval", str(out / "adapter"), tiny["ood"], "--no-progress"]
     assert cli.main(args + ["--ensemble", "3"]) == 0

@@ -75,6 +75,23 @@ def saved_methods(adapter_dir: str | os.PathLike) -> list[dict[str, Any]]:
         return json.load(f).get("methods", [])
 
 
+def live_ensemble(model, handle):
+    """LoRA Dropout's test-time ensemble around the model being trained, where the run deploys it as an ensemble
+    (else None: the eval-mode forward is the deployed model). Curves use it so that they measure what is deployed:
+    in eval mode the raw adapter s*B*A is 1/(1-p)^2 times the mean update of the unscaled training masks. Its masks
+    come from seeds of their own (per member, layer), so evaluating curves does not move the training masks."""
+    from .. import test_time_ensemble
+    from ..methods.lora_dropout import LoRADropout
+
+    if handle is None:
+        return None
+    try:
+        method = handle.method(LoRADropout.config_class.method_name)
+    except KeyError:
+        return None
+    return test_time_ensemble(model, handle) if method.config.deploy == "ensemble" else None
+
+
 def ensemble_forward(model, adapter_dir: str | os.PathLike, n_test: int | None = None):
     """(callable like the model running LoRA Dropout's test-time ensemble, handle to detach afterwards), or
     (None, reason) when the adapter was not trained with LoRA Dropout deployed as an ensemble."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, TrainConfig
-from .evaluate import ensemble_forward, evaluate_sets, load_adapter
+from .evaluate import ensemble_forward, evaluate_sets, live_ensemble, load_adapter
 from .files import replace_folder, write_json, write_yaml
 from .loop import TrainLog, eval_points, train_loop
 from .method_entries import build_methods
@@ -113,9 +113,10 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
               + "".join(f"; {k}: dropped {len(v)} incomplete rows (lines {v[:10]})" for k, v in dropped.items()))
 
     curve_sets = {s: encoded[s] for s in ev.curve_splits if s in encoded} if ev.curve_points else {}
+    curve_forward = live_ensemble(model, handle) if ev.ensemble else None  # the deployed model, as evaluate_saved
 
     def evaluate(step: int) -> dict[str, Any]:
-        res = evaluate_sets(model, task, curve_sets, cfg, collate, device, progress=progress,
+        res = evaluate_sets(model, task, curve_sets, cfg, collate, device, forward=curve_forward, progress=progress,
                             desc=f"curve @ step {step}")
         return {k: {m: v[m] for m in ("accuracy", "loss") if m in v} for k, v in res.items()}
 
