@@ -45,7 +45,8 @@ def test_archived_cells_of_unfinished_runs_resume():
 
     archive = ROOT / "results" / "unfinished"
     runs = sorted(p for p in archive.iterdir() if p.is_dir()) if archive.is_dir() else []
-    outputs = {Path(yaml.safe_load(p.read_text())["output_dir"]).name for p in (ROOT / "configs").glob("published_*.yaml")}
+    published = (ROOT / "configs").glob("published_*.yaml")
+    outputs = {Path(yaml.safe_load(p.read_text())["output_dir"]).name for p in published}
     for run in runs:
         assert run.name in outputs, f"{run.name} is no published config's output_dir ({sorted(outputs)})"
         configs = sorted(run.rglob("config.yaml"))

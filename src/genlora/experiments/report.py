@@ -226,8 +226,8 @@ def write_report(results: dict[str, Any], out: Path, cfg) -> None:
                     if pr:
                         lines.append(f"- `{name}`: {verdict(pr, head, other)}")
             lines.append("")
-    lines.append(f"Wall time {results['wall_time_s']:.0f} s, CPU time {results['cpu_time_s']:.0f} s (this process and its "
-                 f"workers; {results['cells_run']} cells run, {results['cells_reused']} reused).")
+    lines.append(f"Wall time {results['wall_time_s']:.0f} s, CPU time {results['cpu_time_s']:.0f} s (this process "
+                 f"and its workers; {results['cells_run']} cells run, {results['cells_reused']} reused).")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     _write_csv(results, out / "results.csv")
 
