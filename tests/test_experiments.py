@@ -316,6 +316,33 @@ def test_compare_tunes_on_validation_reports_and_resumes(tiny, tmp_path, capsys,
     assert "another config" in capsys.readouterr().err
 
 
+def test_a_finished_cell_from_another_base_model_is_refused(tiny, tmp_path, capsys):
+    """Every cell records its base's weights fingerprint; a resumed comparison refuses a cell trained from other base
+    weights (the vision ViT is pretrained per machine), and reuses cells from before the fingerprint existed."""
+    from genlora.experiments.tasks.base import weights_sha256
+
+    out = tmp_path / "cmp"
+    path = write(tmp_path / "cmp.yaml", compare_cfg(tiny, out, variants=[{"name": "lora"}], seeds=[0],
+                                                     tuning={"enabled": False}, plots=False))
+    assert cli.main(["compare", path, "--no-progress"]) == 0
+    metrics_file = out / "cells" / "n48" / "lora" / "seed-0" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["base_model"] == {"folder": "model", "weights_sha256": weights_sha256(Path(tiny["model"]))}
+    assert re.fullmatch(r"[0-9a-f]{64}", metrics["base_model"]["weights_sha256"])
+
+    metrics["base_model"]["weights_sha256"] = "0" * 64  # as if trained on a machine that pretrained another base
+    metrics_file.write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert cli.main(["compare", path, "--no-progress"]) == 2
+    assert "another base model" in capsys.readouterr().err
+    assert json.loads(metrics_file.read_text())["base_model"]["weights_sha256"] == "0" * 64  # refused, not rerun
+
+    del metrics["base_model"]  # a cell finished before the fingerprint was recorded
+    metrics_file.write_text(json.dumps(metrics))
+    assert cli.main(["compare", path, "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["cells_reused"] == 1
+
+
 def test_workers_run_independent_cells_at_once_with_the_same_results(tiny, tmp_path, monkeypatch):
     """workers=2: tuning batches and compared cells run in worker processes; every number equals a one-process run."""
     batches = []

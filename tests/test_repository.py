@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def test_every_pin_docs_data_names_is_defined_in_the_code():
 def test_archived_cells_of_unfinished_runs_resume():
     """results/unfinished/<run>/ keeps the finished cells of a published comparison that did not finish in one sitting
     (copied back into its output_dir, the next run reuses them). Each must be a run the runner can still read: its
-    config parses, it has metrics, and the folder is a published config's output_dir. No adapter weights."""
+    config parses, it has metrics, and the folder is a published config's output_dir. No adapter weights. Cells of a
+    base built per machine (the vision ViT) carry its weights fingerprint, so a resume elsewhere cannot mix bases."""
     import yaml
 
     from genlora.experiments.compare import _as_run
@@ -53,5 +55,9 @@ def test_archived_cells_of_unfinished_runs_resume():
         assert configs, f"{run} holds no cells"
         for path in configs:
             assert (path.parent / "metrics.json").is_file(), f"{path.parent} is not a finished cell"
-            _as_run(TrainConfig.from_dict(yaml.safe_load(path.read_text())))  # raises where a key was renamed
+            cfg = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+            _as_run(cfg)  # raises where a key was renamed
+            if cfg.task == "vision" and cfg.model.path is None:  # the ViT is pretrained per machine: no pinned hash
+                metrics = json.loads((path.parent / "metrics.json").read_text())
+                assert "weights_sha256" in metrics.get("base_model", {}), f"{path.parent}: no base fingerprint"
         assert not list(run.rglob("*.safetensors")) and not list(run.rglob("*.tmp")), f"{run}: weights or partial cells"

@@ -86,7 +86,9 @@ def run_cell(path: Path, cfg: TrainConfig, *, keep_adapter: bool, progress: bool
             diff = sorted(_diff_keys(saved, wanted))
             raise ConfigError(f"finished cell {path} was run with another config (differs at {diff[:6]}); use another "
                               "output_dir, or delete that cell to recompute it")
-        return read_json(path / "metrics.json"), False
+        metrics = read_json(path / "metrics.json")
+        _check_same_base(path, metrics, cfg)
+        return metrics, False
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(path, ignore_errors=True)  # a folder without metrics.json is not a finished cell
@@ -94,6 +96,20 @@ def run_cell(path: Path, cfg: TrainConfig, *, keep_adapter: bool, progress: bool
     metrics = run(cfg, tmp, progress=progress, keep_adapter=keep_adapter)
     os.replace(tmp, path)
     return metrics, True
+
+
+def _check_same_base(path: Path, metrics: dict[str, Any], cfg: TrainConfig) -> None:
+    """A finished cell is reused only if it trained from the base this machine has: the config names the vision base
+    by how it is pretrained, not by its weights, and another CPU or library version can pretrain different weights.
+    Cells from before the fingerprint was recorded (no `base_model`) are reused as before."""
+    recorded = (metrics.get("base_model") or {}).get("weights_sha256")
+    if recorded is None:
+        return
+    current = get_task(cfg.task).base_fingerprint(cfg)["weights_sha256"]
+    if recorded != current:
+        raise ConfigError(f"finished cell {path} was trained from another base model (weights sha256 "
+                          f"{recorded[:12]}..., this machine's base: {current[:12]}...); use another output_dir, or "
+                          "delete that cell to recompute it")
 
 
 def _as_run(cfg: TrainConfig) -> dict[str, Any]:
@@ -208,6 +224,8 @@ def compare(cfg: CompareConfig, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(out / "compare_config.yaml", cfg.to_dict())
     task = get_task(cfg.base.task)
+    for s in settings:  # a base built on first use (the vision ViT) is built here once, not by every worker at once
+        task.model_folder(setting_base(cfg, s), progress=True)
     metric = cfg.tuning.metric if cfg.tuning.metric != "auto" else task.metric_for_selection(cfg.base)
     counter = Counter(count_cells(cfg, settings), progress, cfg.workers)
     inner = progress and counter.bar.on_terminal  # per-run bars only on a terminal; plain logs stay short

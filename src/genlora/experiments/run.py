@@ -154,6 +154,7 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
         "epoch_train_loss": loop.epoch_losses,
         "methods": methods_config["methods"],
         "device": str(device),
+        "base_model": task.base_fingerprint(cfg),
         "torch_threads": torch.get_num_threads(),
         "data": {k: {"n": len(v), "ids_sha256": v.ids_sha256()} for k, v in splits.items()},
         "dropped_rows": dropped,  # local files with data.drop_incomplete: lines of the rows dropped, per source

@@ -8,13 +8,35 @@ and the task computes split-level metrics from the records.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from ..config import TrainConfig
+from ..data import sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WEIGHTS_SHA256: dict[tuple, str] = {}
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the weight files of a model folder (name and content of each, in name order); computed once per
+    process and file version."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+    key = tuple((os.fspath(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _WEIGHTS_SHA256:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+        _WEIGHTS_SHA256[key] = h.hexdigest()
+    return _WEIGHTS_SHA256[key]
 
 
 @dataclass
@@ -38,6 +60,18 @@ class Task:
 
     name: ClassVar[str]
     peft_task_type: ClassVar[str | None]
+
+    def model_folder(self, cfg: TrainConfig, progress: bool = False) -> Path:
+        """The local folder of the base model the run starts from (for the vision task, pretrained first when it is
+        not cached yet; `progress` then reports the pretraining)."""
+        raise NotImplementedError
+
+    def base_fingerprint(self, cfg: TrainConfig) -> dict[str, str]:
+        """What identifies the base model's weights in a finished run's metrics: its folder's name and the sha256 of
+        its weight files. A base that is built on each machine (the vision task's ViT) is not pinned by a published
+        hash, so a resumed comparison checks this before reusing a cell run elsewhere (compare.run_cell)."""
+        folder = self.model_folder(cfg)
+        return {"folder": folder.name, "weights_sha256": weights_sha256(folder)}
 
     def check(self, cfg: TrainConfig) -> None:
         """Config-time checks (model present, data sources and sizes); ConfigError naming the key. Writes nothing."""

@@ -15,6 +15,7 @@ next-token distributions (genlora.ensemble), so the same code scores it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ class CausalLM(Task):
     def __init__(self):
         self.word_ids: list[int] | None = None  # first token of each label word (prompt format)
 
-    def model_folder(self, cfg: TrainConfig):
+    def model_folder(self, cfg: TrainConfig, progress: bool = False) -> Path:
         if cfg.model.path is not None:
             return local_folder(cfg.model.path)
         from ..smollm import packaged_lm_path

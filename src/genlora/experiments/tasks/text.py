@@ -3,6 +3,7 @@ with a new classification head) on the VADER sentences or a local file."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ BERT_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.
 class TextClassification(ClassificationTask):
     name = "text"
 
-    def model_folder(self, cfg: TrainConfig):
+    def model_folder(self, cfg: TrainConfig, progress: bool = False) -> Path:
         if cfg.model.path is not None:
             return local_folder(cfg.model.path)
         path = minilm_path()

@@ -35,7 +35,7 @@ class ImageClassification(ClassificationTask):
     name = "vision"
     peft_task_type = None
 
-    def base_folder(self, cfg: TrainConfig, progress: bool = False):
+    def model_folder(self, cfg: TrainConfig, progress: bool = False) -> Path:
         from .. import vit
 
         if cfg.model.path is not None:
@@ -56,7 +56,7 @@ class ImageClassification(ClassificationTask):
             raise ConfigError(f"model.num_labels must be {NUM_CLASSES} (or null) for MNIST, got "
                               f"{cfg.model.num_labels}")
         if cfg.model.path is not None:
-            self.base_folder(cfg)
+            self.model_folder(cfg)
         from ..vision_data import mnist5k_csv_path
 
         try:
@@ -90,7 +90,7 @@ class ImageClassification(ClassificationTask):
     def load_base(self, cfg: TrainConfig, seed: int):
         from ..vit import load_vit_base
 
-        return load_vit_base(self.base_folder(cfg, progress=True), NUM_CLASSES, seed), None
+        return load_vit_base(self.model_folder(cfg, progress=True), NUM_CLASSES, seed), None
 
     def lora_config(self, cfg: TrainConfig, model):
         from peft import LoraConfig
