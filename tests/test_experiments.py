@@ -343,8 +343,9 @@ def test_a_finished_cell_from_another_base_model_is_refused(tiny, tmp_path, caps
     assert json.loads((out / "results.json").read_text())["cells_reused"] == 1
 
 
-def test_workers_run_independent_cells_at_once_with_the_same_results(tiny, tmp_path, monkeypatch):
-    """workers=2: tuning batches and compared cells run in worker processes; every number equals a one-process run."""
+def test_workers_run_independent_cells_at_once_with_the_same_results(tiny, tmp_path, monkeypatch, capfd):
+    """workers=2: tuning batches and compared cells run in worker processes; every number equals a one-process run.
+    The workers' log is as quiet as the CLI's: no transformers loading bars or reports, no third-party warnings."""
     batches = []
     real_prefetch = cmp.Counter.prefetch
 
@@ -361,8 +362,12 @@ def test_workers_run_independent_cells_at_once_with_the_same_results(tiny, tmp_p
                                      "grid": {"flat_lora.sigma": [0.05, 0.2]}}],
                           tuning={"seeds": [10, 11], "lr": [1e-2]})
         cfg["base"]["training"]["num_threads"] = 1
+        capfd.readouterr()
         assert cli.main(["compare", write(tmp_path / f"w{workers}.yaml", cfg), "--no-progress"]) == 0
         results[workers] = json.loads((tmp_path / f"w{workers}" / "results.json").read_text())
+        err = capfd.readouterr().err  # the workers write to the same file descriptor
+        for noise in ("Loading weights", "LOAD REPORT", "Warning", "\r"):
+            assert noise not in err, (workers, noise, err[:800])
     assert (4, True) in batches and (6, True) in batches  # sigma x tuning seeds, then variants x seeds, in a pool
     one, two = (r["settings"][0] for r in (results[1], results[2]))
     assert results[1]["cells_run"] == results[2]["cells_run"] == 4 + 6

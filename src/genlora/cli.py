@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 
 USAGE = __doc__
 EXTRA_MODULES = ("jsonargparse", "yaml", "scipy", "matplotlib", "docstring_parser")
@@ -31,21 +30,6 @@ def _missing_extra() -> str | None:
         return None
     return (f"genlora: the `genlora` command needs the `experiments` extra, which is not installed (missing: "
             f"{', '.join(missing)}): pip install 'genlora[experiments]'")
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -150,7 +134,9 @@ def _main(argv: list[str]) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return 2
-    _quiet_libraries()
+    from .experiments.progress import quiet_libraries
+
+    quiet_libraries()
     from .experiments.config import ConfigError
 
     if argv[0] in ("train", "compare") and any(a in ("-h", "--help") for a in argv[1:]):

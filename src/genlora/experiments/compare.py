@@ -28,7 +28,7 @@ from typing import Any
 from .compare_config import CompareConfig, Variant
 from .config import ConfigError, TrainConfig
 from .files import read_json, write_json, write_yaml
-from .progress import Progress, say
+from .progress import Progress, quiet_libraries, say
 from .run import run, validate
 from .tasks import get_task
 from .tuning import SearchResult, apply, axes_of, check_variant, label, reference_point, search, tuning_config
@@ -167,7 +167,8 @@ class Counter:
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn: a fresh interpreter per worker (fork would copy this process's torch threads and caches)
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=quiet_libraries)  # a fresh interpreter: quiet it as the CLI
         futures = [(j, self.pool.submit(_run_cell_job, str(j.path), j.cfg.to_dict(), j.keep_adapter)) for j in jobs]
         for job, future in futures:
             metrics, ran = future.result()  # a failed cell raises here, as it would in this process

@@ -8,8 +8,10 @@ that work is moving without a line per batch.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 
 
 def is_terminal() -> bool:
@@ -17,6 +19,23 @@ def is_terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def quiet_libraries() -> None:
+    """The runner's processes (the CLI's, and every `workers` process of a comparison, which starts a fresh
+    interpreter) run offline and keep their logs to genlora's own lines: no hub access, no FutureWarnings or loading
+    reports from transformers/PEFT that a user cannot act on, no "Loading weights" bars with carriage returns."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
 
 def say(prefix: str, message: str) -> None:
