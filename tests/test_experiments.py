@@ -132,8 +132,9 @@ def test_cli_train_then_eval(tiny, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     s = m["summary"]
     for key in ("train_acc", "validation_acc", "test_acc", "ood_ood_acc", "gap", "test_loss", "test_ece", "eff_rank",
-                "sharpness", "train_time_s", "peak_memory_mib", "val_loss_rise"):
+                "sharpness", "train_time_s", "peak_memory_mib", "val_loss_rise", "train_majority_acc"):
         assert key in s and math.isfinite(s[key]), key
+    assert 0.5 <= s["train_majority_acc"] <= 1.0  # two labels: the majority label's share of the training subset
     assert [p["step"] for p in m["curve"]] == [3, 6] and {"train", "validation", "test"} <= set(m["curve"][0])
     assert m["eval"]["test"]["n"] == 60 and m["eval"]["ood:ood"]["n"] == 20
     assert len(m["spectra"]["effective_rank_per_layer"]) == 13  # all linear layers: 2 x 6 + the pooler
@@ -284,6 +285,7 @@ def test_compare_tunes_on_validation_reports_and_resumes(tiny, tmp_path, capsys,
     md = (out / "results.md").read_text()
     assert "MDE" in md and "Verdicts" in md and "`flat_lora`:" in md and "lora_wd" in md
     assert "Overfitting regime of `lora`" in md and "test never seen" in md
+    assert "Every run learned" in md or "Runs that did not learn" in md  # the majority rate is recorded per run
     for name in ("curves_n48.png", "reliability_n48.png", "spectra_n48.png", "landscape_n48.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
     assert not (out / "plots" / "accuracy_vs_train_size.png").exists()  # one size: no one-point plot
@@ -558,6 +560,7 @@ def test_ece_matches_hand_computation():
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.2, 0.7, 0.45, 0.8])))
     assert sum(m["reliability"]["count"]) == 5 and m["reliability"]["count"][11] == 2
+    assert m["majority_acc"] == pytest.approx(3 / 5)  # label 1 in 3 of 5: what predicting it always scores
 
 
 def test_effective_rank_on_known_spectra():

@@ -107,3 +107,26 @@ def test_axes_put_the_learning_rate_last():
     assert axes_of(own, TuningConfig())[-1].values == [5e-3]
     with pytest.raises(ValueError, match="at least 2 tuning seeds"):
         TuningConfig(seeds=[0])
+
+
+def test_runs_that_did_not_learn_are_named():
+    """A seed whose training accuracy stays at the majority-class rate (a stalled fine-tuning) is named in the
+    report, with its accuracy; runs that learned are not; runs without the recorded rate are not judged."""
+    from genlora.experiments.report import stalled_lines, stalled_runs
+
+    def variant(train_accs, majority=0.52):
+        return {"per_seed": {str(seed): {"train_acc": a, "train_majority_acc": majority}
+                             for seed, a in enumerate(train_accs)}}
+
+    setting = {"variants": {"lora": variant([0.99, 0.503, 0.98]), "flat_lora": variant([0.97, 0.96, 0.571]),
+                            "rm_lora": variant([0.99, 0.99, 0.99])}}
+    assert stalled_runs(setting) == {"lora": [(1, 0.503)]}  # 0.571 is more than 5 points above 0.52
+    (line, _) = stalled_lines(setting)
+    assert "`lora` seed 1 (50.3%)" in line and "flat_lora" not in line and "rm_lora" not in line
+    setting["variants"]["flat_lora"]["per_seed"]["2"]["train_acc"] = 0.569
+    assert stalled_runs(setting) == {"lora": [(1, 0.503)], "flat_lora": [(2, 0.569)]}
+    setting["variants"] = {"lora": variant([0.99, 0.98, 0.97])}
+    assert stalled_lines(setting)[0].startswith("Every run learned")
+    for summary in setting["variants"]["lora"]["per_seed"].values():
+        del summary["train_majority_acc"]  # cells from before the rate was recorded
+    assert stalled_lines(setting) == []

@@ -52,7 +52,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
-    """accuracy, NLL (mean -log p(y)), ECE and the reliability bins of predicted probabilities (n, C)."""
+    """accuracy, NLL (mean -log p(y)), ECE and the reliability bins of predicted probabilities (n, C), and the
+    accuracy of always predicting the most frequent label (what a run that learned nothing reaches)."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     p_true = probs[np.arange(len(labels)), labels]
@@ -60,6 +61,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     return {
         "n": int(len(labels)),
         "accuracy": float((probs.argmax(1) == labels).mean()),
+        "majority_acc": float(np.bincount(labels).max() / len(labels)) if len(labels) else float("nan"),
         "nll": float(-np.log(np.clip(p_true, 1e-12, None)).mean()),
         "ece": expected_calibration_error(probs, labels, n_bins),
         "reliability": bins,

@@ -1,7 +1,8 @@
 """The report of a comparison: results.md (tables people read), results.csv (one row per setting, variant and
 metric) and the statistics inside results.json.
 
-Per setting: the overfitting-regime check of the baseline, the tuned values with every point's validation score,
+Per setting: the overfitting-regime check of the baseline, the runs that did not learn (training accuracy at the
+majority-class rate), the tuned values with every point's validation score,
 the metrics of every variant (mean +- 95% half-width), the paired differences to the baseline (mean [95% CI], p, and
 the minimum detectable difference at 80% power), and the verdicts: each genlora variant against each plain-LoRA
 variant (the baseline and the baselines a user would pick instead: PEFT's lora_dropout, weight decay, early
@@ -158,6 +159,39 @@ def regime_lines(setting: dict[str, Any], baseline: str) -> list[str]:
     return [f"Overfitting regime of `{baseline}`: " + "; ".join(lines) + ".", ""] if lines else []
 
 
+STALL_MARGIN = 0.05  # training accuracy within 5 points of the majority-class rate: the run learned nothing
+
+
+def stalled_runs(setting: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """{variant: [(seed, training accuracy)] of the runs whose training accuracy stayed within STALL_MARGIN of always
+    predicting the majority label}. Such a run (a fine-tuning that never leaves its start, Mosbach et al. 2021) moves
+    a mean by tens of points, so the report names it rather than leaving it inside a mean. Runs that do not record
+    the majority rate are skipped."""
+    out = {}
+    for name, v in setting["variants"].items():
+        runs = sorted((int(seed), s["train_acc"]) for seed, s in v["per_seed"].items()
+                      if s.get("train_acc") is not None and s.get("train_majority_acc") is not None
+                      and s["train_acc"] <= s["train_majority_acc"] + STALL_MARGIN)
+        if runs:
+            out[name] = runs
+    return out
+
+
+def stalled_lines(setting: dict[str, Any]) -> list[str]:
+    if not any(s.get("train_majority_acc") is not None for v in setting["variants"].values()
+               for s in v["per_seed"].values()):
+        return []
+    stalled = stalled_runs(setting)
+    if not stalled:
+        return [f"Every run learned (training accuracy more than {fmt(STALL_MARGIN, 'gap')} points above the "
+                "majority-class rate).", ""]
+    per = "; ".join(f"`{name}` seed{'s' if len(runs) > 1 else ''} "
+                    + ", ".join(f"{seed} ({fmt(acc, 'train_acc')}%)" for seed, acc in runs)
+                    for name, runs in stalled.items())
+    return [f"Runs that did not learn (training accuracy within {fmt(STALL_MARGIN, 'gap')} points of always "
+            f"predicting the majority label; they stay in the means and paired tests): {per}.", ""]
+
+
 def tuning_lines(setting: dict[str, Any], info: dict[str, Any]) -> list[str]:
     rep = setting.get("tuning") or {}
     if not rep:
@@ -198,6 +232,7 @@ def write_report(results: dict[str, Any], out: Path, cfg) -> None:
         head = headline(s)
         lines += [f"## {s['train_size']} training examples", ""]
         lines += regime_lines(s, base)
+        lines += stalled_lines(s)
         lines += tuning_lines(s, results["tuning"]) if results["tuning"]["enabled"] else []
         lines += ["| variant | run as | " + " | ".join(label(m) for m in names) + " |",
                   "|---|---|" + "---|" * len(names)]

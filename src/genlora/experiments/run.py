@@ -225,6 +225,8 @@ def summarize(metrics: dict[str, Any]) -> dict[str, float]:
         s[f"{key}_loss"] = r["loss"]
         if "ppl" in r:
             s[f"{key}_ppl"] = r["ppl"]
+    if "majority_acc" in ev.get("train", {}):
+        s["train_majority_acc"] = ev["train"]["majority_acc"]  # the floor of a run that learned nothing
     if "train_acc" in s and "test_acc" in s:
         s["gap"] = s["train_acc"] - s["test_acc"]
     elif "train_loss" in s and "test_loss" in s:
