@@ -2,11 +2,11 @@
 metric) and the statistics inside results.json.
 
 Per setting: the overfitting-regime check of the baseline, the runs that did not learn (training accuracy at the
-majority-class rate), the tuned values with every point's validation score,
-the metrics of every variant (mean +- 95% half-width), the paired differences to the baseline (mean [95% CI], p, and
-the minimum detectable difference at 80% power), and the verdicts: each genlora variant against each plain-LoRA
-variant (the baseline and the baselines a user would pick instead: PEFT's lora_dropout, weight decay, early
-stopping), in words that use the detectable difference ("not detectable at +-x", never "no effect").
+majority-class rate), the tuned values with every point's validation score, the metrics of every variant (mean +- 95%
+half-width), the paired differences to the baseline (mean [95% CI], p, and the minimum detectable difference at 80%
+power), and the verdicts: each genlora variant against each plain-LoRA variant (the baseline and the baselines a user
+would pick instead: PEFT's lora_dropout, weight decay, early stopping), in words that use the detectable difference
+("not detectable at +-x", never "no effect").
 """
 
 from __future__ import annotations
