@@ -3,7 +3,8 @@
 On a terminal: tqdm bars (stderr). When stderr is not a terminal (redirected to a log file, CI): no carriage-return
 clutter, but plain lines: one at most every `every_s` seconds while a phase runs, and one at its end, so a log shows
 that work is moving without a line per batch.
-`enabled=False` silences both (tests, tuning cells inside a comparison).
+`enabled=False` silences both (tests, tuning cells inside a comparison). `quiet_libraries` keeps the libraries'
+own bars, reports and deprecation warnings out of the runner's logs, in the CLI and in every worker process.
 """
 
 from __future__ import annotations
