@@ -146,6 +146,26 @@ def test_cli_train_then_eval(tiny, tmp_path, capsys):
     assert printed["n"] == 40 and 0.0 <= printed["accuracy"] <= 1.0
 
 
+def test_a_run_that_did_not_learn_says_so(tiny, tmp_path, capsys):
+    """A run whose training accuracy stays at the majority-class rate (here: a learning rate too small to move)
+    warns on stderr and in train.log; a run that learned does not."""
+    evaluation = {"curve_points": 0, "sharpness": False, "spectra": False, "landscape_scales": []}
+    for name, lr, epochs in (("stalled", 1e-9, 1), ("learned", 2e-2, 10)):
+        cfg = write(tmp_path / f"{name}.yaml", train_cfg(tiny, tmp_path / name, evaluation=evaluation,
+                                                         training={"lr": lr, "epochs": epochs}))
+        capsys.readouterr()
+        assert cli.main(["train", cfg, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        s = json.loads((tmp_path / name / "metrics.json").read_text())["summary"]
+        log = (tmp_path / name / "train.log").read_text()
+        if name == "stalled":
+            assert s["train_acc"] <= s["train_majority_acc"] + 0.05, s
+            assert "did not learn" in err and "training.lr" in err and "warning: training accuracy" in log
+        else:
+            assert s["train_acc"] > s["train_majority_acc"] + 0.05, s
+            assert "did not learn" not in err + log
+
+
 def test_method_seeds_follow_the_run_seed(tiny, tmp_path):
     """Issue 11, 1.1: a different run seed gives every method a different seed (noise, masks); a pinned one stays."""
     from genlora.experiments.run import run

@@ -41,12 +41,15 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(argv: list[str]) -> int:
     from .experiments.parsing import parse_args
-    from .experiments.run import train
+    from .experiments.metrics import did_not_learn
+    from .experiments.run import not_learned_message, train
 
     path, rest = _split_config(argv)
     cfg, flags = parse_args("train", path, rest)
     out, metrics = train(cfg, progress=not flags["no_progress"])
     print(json.dumps(metrics["summary"], indent=1))
+    if did_not_learn(metrics["summary"]):
+        print(f"genlora train: warning: {not_learned_message(metrics['summary'])}", file=sys.stderr)
     print(f"genlora train: wrote {out}", file=sys.stderr)
     return 0
 

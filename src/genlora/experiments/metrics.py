@@ -68,6 +68,17 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     }
 
 
+STALL_MARGIN = 0.05  # training accuracy within 5 points of the majority-class rate: the run learned nothing
+
+
+def did_not_learn(summary: dict[str, float]) -> bool:
+    """Whether a run's training accuracy stayed within STALL_MARGIN of always predicting the majority label: a
+    fine-tuning that never left its start (Mosbach et al. 2021: more frequent at larger learning rates). False when
+    the run records no training accuracy or majority rate."""
+    acc, floor = summary.get("train_acc"), summary.get("train_majority_acc")
+    return acc is not None and floor is not None and acc <= floor + STALL_MARGIN
+
+
 # --- effective rank -------------------------------------------------------------------------------------------------
 def effective_rank(singular_values) -> float:
     """exp(entropy of the normalised singular values) (Roy & Vetterli 2007): k equal values -> k; 0 for a zero

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_text
+from .metrics import STALL_MARGIN, did_not_learn
 from .stats import MIN_SEEDS, NO_INTERVAL_REASON, describe, excludes_zero, paired
 
 ORDER = ["train_acc", "validation_acc", "test_acc", "ood_*", "gap", "train_loss", "validation_loss", "test_loss",
@@ -159,19 +160,13 @@ def regime_lines(setting: dict[str, Any], baseline: str) -> list[str]:
     return [f"Overfitting regime of `{baseline}`: " + "; ".join(lines) + ".", ""] if lines else []
 
 
-STALL_MARGIN = 0.05  # training accuracy within 5 points of the majority-class rate: the run learned nothing
-
-
 def stalled_runs(setting: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
-    """{variant: [(seed, training accuracy)] of the runs whose training accuracy stayed within STALL_MARGIN of always
-    predicting the majority label}. Such a run (a fine-tuning that never leaves its start, Mosbach et al. 2021) moves
+    """{variant: [(seed, training accuracy)] of the runs that did not learn (metrics.did_not_learn)}. Such a run moves
     a mean by tens of points, so the report names it rather than leaving it inside a mean. Runs that do not record
     the majority rate are skipped."""
     out = {}
     for name, v in setting["variants"].items():
-        runs = sorted((int(seed), s["train_acc"]) for seed, s in v["per_seed"].items()
-                      if s.get("train_acc") is not None and s.get("train_majority_acc") is not None
-                      and s["train_acc"] <= s["train_majority_acc"] + STALL_MARGIN)
+        runs = sorted((int(seed), s["train_acc"]) for seed, s in v["per_seed"].items() if did_not_learn(s))
         if runs:
             out[name] = runs
     return out

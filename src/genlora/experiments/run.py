@@ -29,7 +29,7 @@ from .evaluate import ensemble_forward, evaluate_sets, live_ensemble, load_adapt
 from .files import replace_folder, write_json, write_yaml
 from .loop import TrainLog, eval_points, train_loop
 from .method_entries import build_methods
-from .metrics import PeakMemory, Timer, loss_landscape, sharpness, update_spectra
+from .metrics import STALL_MARGIN, PeakMemory, Timer, did_not_learn, loss_landscape, sharpness, update_spectra
 from .models import resolve_device
 from .tasks import Task, eval_batches, get_task
 
@@ -164,10 +164,18 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
     write_json(out / "metrics.json", metrics)
     log.write({"event": "done", "summary": metrics["summary"]},
               "done: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics["summary"].items()))
+    if did_not_learn(metrics["summary"]):
+        log.write({"event": "did_not_learn"}, "warning: " + not_learned_message(metrics["summary"]))
     log.close()
     if not keep_adapter:
         shutil.rmtree(adapter_dir)
     return metrics
+
+
+def not_learned_message(summary: dict[str, float]) -> str:
+    return (f"training accuracy {100 * summary['train_acc']:.1f}% is within {100 * STALL_MARGIN:.0f} points of always "
+            f"predicting the majority label ({100 * summary['train_majority_acc']:.1f}%): the run did not learn; a "
+            "lower training.lr or a longer training.warmup_ratio usually helps")
 
 
 def _ids(data) -> list:
