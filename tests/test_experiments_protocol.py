@@ -130,3 +130,38 @@ def test_runs_that_did_not_learn_are_named():
     for summary in setting["variants"]["lora"]["per_seed"].values():
         del summary["train_majority_acc"]  # cells from before the rate was recorded
     assert stalled_lines(setting) == []
+
+
+def test_verdicts_are_repeated_without_the_seeds_that_stalled():
+    """A method that 'beats' plain LoRA only because one LoRA seed stalled at 50% wins in the verdicts over all
+    seeds, and shows no detectable difference once that seed is left out of the pair; pairs no stall touches are
+    not repeated."""
+    from genlora.experiments.report import add_statistics, learned_only_lines
+
+    def variant(test_accs, stalled=(), methods=()):
+        return {"methods": list(methods), "per_seed": {
+            str(seed): {"train_acc": 0.51 if seed in stalled else 0.99, "train_majority_acc": 0.51, "test_acc": a}
+            for seed, a in enumerate(test_accs)}}
+
+    lora = 0.80 + np.array([0.004, -0.006, 0.002, 0.0, 0.005, -0.003, 0.001, -0.002])
+    method = lora + np.array([0.004, -0.004, 0.003, 0.0, -0.003, 0.002, -0.002, 0.001])  # the same model up to noise
+    lora[3] = 0.50  # seed 3 of plain LoRA did not learn
+    setting = {"variants": {"lora": variant(lora, stalled=[3]), "lora_weight_decay": variant(lora + 0.001, [3]),
+                            "flat_lora": variant(method, methods=[{"method": "flat_lora"}])}}
+    add_statistics({"baseline": "lora", "settings": [setting]})
+    flat = setting["variants"]["flat_lora"]
+    assert flat["versus"]["lora"]["diff_mean"] > 0.03 and flat["versus"]["lora"]["n"] == 8
+    again = flat["versus_learned"]["lora"]
+    assert again["left_out"] == [3] and again["n"] == 7 and abs(again["diff_mean"]) < 0.01
+    assert again["diff_ci95_low"] < 0 < again["diff_ci95_high"]
+    # lora_weight_decay stalled on the same seed as lora: that pair is repeated too, and no other
+    assert set(setting["variants"]["lora_weight_decay"]["versus_learned"]) == {"lora"}
+    lines = learned_only_lines(setting, "lora")
+    text = "\n".join(lines)
+    assert "- `flat_lora`: no difference from lora detectable" in text and "left out: seed 3" in text
+    assert "`lora_weight_decay`: " in text and "`lora`: " not in text  # the baseline is not judged against itself
+    for v in setting["variants"].values():  # nothing stalled: nothing repeated
+        for summary in v["per_seed"].values():
+            summary["train_acc"] = 0.99
+    add_statistics({"baseline": "lora", "settings": [setting]})
+    assert learned_only_lines(setting, "lora") == []

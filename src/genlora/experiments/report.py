@@ -6,7 +6,7 @@ majority-class rate), the tuned values with every point's validation score, the 
 half-width), the paired differences to the baseline (mean [95% CI], p, and the minimum detectable difference at 80%
 power), and the verdicts: each genlora variant against each plain-LoRA variant (the baseline and the baselines a user
 would pick instead: PEFT's lora_dropout, weight decay, early stopping), in words that use the detectable difference
-("not detectable at +-x", never "no effect").
+("not detectable at +-x", never "no effect"); where runs did not learn, the verdicts again without their seeds.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def add_statistics(results: dict[str, Any]) -> None:
         for name, v in s["variants"].items():
             values = {m: {int(seed): summ.get(m) for seed, summ in v["per_seed"].items()} for m in names}
             v["stats"] = {m: describe(values[m].values()) for m in names}
-            v["paired"], v["versus"] = {}, {}
+            v["paired"], v["versus"], v["versus_learned"] = {}, {}, {}
             for other in plain:
                 if other == name:
                     continue
@@ -98,6 +98,13 @@ def add_statistics(results: dict[str, Any]) -> None:
                 if other == base_name:
                     v["paired"] = {m: paired(values[m], ref[m]) for m in names}
                 v["versus"][other] = paired(values[head], ref[head])
+                # The same comparison without the seeds where either run did not learn: shows whether a difference
+                # is the other run's stall (a run at 50% moves a 10-seed mean by ~3 points) or the method.
+                stalled = {int(seed) for per in (v["per_seed"], ov) for seed, summ in per.items()
+                           if did_not_learn(summ)}
+                if stalled:
+                    learned = {seed: x for seed, x in values[head].items() if seed not in stalled}
+                    v["versus_learned"][other] = {**paired(learned, ref[head]), "left_out": sorted(stalled)}
 
 
 def verdict(pr: dict[str, float], metric: str, other: str) -> str:
@@ -184,7 +191,23 @@ def stalled_lines(setting: dict[str, Any]) -> list[str]:
                     + ", ".join(f"{seed} ({fmt(acc, 'train_acc')}%)" for seed, acc in runs)
                     for name, runs in stalled.items())
     return [f"Runs that did not learn (training accuracy within {fmt(STALL_MARGIN, 'gap')} points of always "
-            f"predicting the majority label; they stay in the means and paired tests): {per}.", ""]
+            f"predicting the majority label; they stay in the means, paired tests and verdicts): {per}.", ""]
+
+
+def learned_only_lines(setting: dict[str, Any], baseline: str) -> list[str]:
+    """The verdicts again over the seeds where both runs learned, for every pair that a stall touches: each genlora
+    variant against each plain-LoRA variant, and each plain-LoRA variant against the baseline."""
+    plain = plain_variants(setting, baseline)
+    pairs = [(name, other, pr) for name, v in setting["variants"].items()
+             for other, pr in (v.get("versus_learned") or {}).items() if name not in plain or other == baseline]
+    if not pairs:
+        return []
+    head = headline(setting)
+    lines = [f"The same comparisons ({label(head)}) with each pair's stalled seeds left out, a check that a "
+             "difference is not one run's stall:", ""]
+    lines += [f"- `{name}`: {verdict(pr, head, other)}; left out: seed{'s' if len(pr['left_out']) > 1 else ''} "
+              + ", ".join(map(str, pr["left_out"])) for name, other, pr in pairs]
+    return lines + [""]
 
 
 def tuning_lines(setting: dict[str, Any], info: dict[str, Any]) -> list[str]:
@@ -256,6 +279,7 @@ def write_report(results: dict[str, Any], out: Path, cfg) -> None:
                     if pr:
                         lines.append(f"- `{name}`: {verdict(pr, head, other)}")
             lines.append("")
+        lines += learned_only_lines(s, base)
     lines.append(f"Wall time {results['wall_time_s']:.0f} s, CPU time {results['cpu_time_s']:.0f} s (this process "
                  f"and its workers; {results['cells_run']} cells run, {results['cells_reused']} reused).")
     write_text(out / "results.md", "\n".join(lines) + "\n")
