@@ -336,6 +336,28 @@ def test_compare_tunes_on_validation_reports_and_resumes(tiny, tmp_path, capsys,
     capsys.readouterr()
     assert cli.main(["compare", path, "--no-progress", "--base.training.warmup_ratio=0.2"]) == 2
     assert "another config" in capsys.readouterr().err
+    assert cli.main(["compare", path, "--no-progress", "--base.training.min_steps=1"]) == 0  # lengthens no cell
+    assert json.loads((out / "results.json").read_text())["cells_run"] == 0
+    assert cli.main(["compare", path, "--no-progress", "--base.training.min_steps=1000"]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+def test_a_cell_is_the_same_run_when_min_steps_does_not_lengthen_it():
+    """min_steps added for the small size of a sweep keeps the larger size's finished cells (same epochs), and makes
+    the small size's cells other runs."""
+    from genlora.experiments.compare import _as_run
+    from genlora.experiments.config import TrainConfig
+
+    def as_run(task, size, **training):
+        return _as_run(TrainConfig.from_dict({"task": task, "data": {"train_size": size},
+                                              "training": {"epochs": 5, "batch_size": 16, **training}}))
+
+    assert as_run("text", 1000) == as_run("text", 1000, min_steps=130)  # 63 steps an epoch: 5 epochs either way
+    assert as_run("text", 300) != as_run("text", 300, min_steps=130)  # 19 steps an epoch: 7 epochs
+    assert as_run("text", 300, min_steps=130) == as_run("text", 300, epochs=7)
+    assert as_run("text", 300, min_steps=95) == as_run("text", 300)  # 95 steps are 5 epochs of 19
+    assert as_run("vision", 100, min_steps=35) == as_run("vision", 100, epochs=5)  # 7 steps an epoch
+    assert as_run("vision", 100, min_steps=36) == as_run("vision", 100, epochs=6)
 
 
 def test_a_finished_cell_from_another_base_model_is_refused(tiny, tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -115,9 +116,14 @@ def _check_same_base(path: Path, metrics: dict[str, Any], cfg: TrainConfig) -> N
 def _as_run(cfg: TrainConfig) -> dict[str, Any]:
     """What a cell runs, for comparing a finished cell's config with the wanted one: the config as plain data, each
     method entry with all its options (unset ones at their defaults), so that a grid axis added later reuses the
-    cells run at its default value."""
+    cells run at its default value; and the epochs it trains in place of `epochs` and `min_steps`, so that a
+    `min_steps` added for a small training size keeps the cells of the larger sizes it does not lengthen."""
     data = json.loads(json.dumps(cfg.to_dict()))
     data["methods"] = [json.loads(json.dumps(e.resolved())) for e in cfg.methods]
+    if cfg.data.train_size is not None:  # run.py: a step per batch of the subset (exactly train_size, or an error)
+        tc = cfg.training
+        data["training"]["epochs"] = tc.epochs_for(math.ceil(cfg.data.train_size / tc.batch_size))
+        data["training"]["min_steps"] = None
     return data
 
 
