@@ -136,7 +136,7 @@ def test_verdicts_are_repeated_without_the_seeds_that_stalled():
     """A method that 'beats' plain LoRA only because one LoRA seed stalled at 50% wins in the verdicts over all
     seeds, and shows no detectable difference once that seed is left out of the pair; pairs no stall touches are
     not repeated."""
-    from genlora.experiments.report import add_statistics, learned_only_lines
+    from genlora.experiments.report import add_statistics, learned_only_lines, regime_lines
 
     def variant(test_accs, stalled=(), methods=()):
         return {"methods": list(methods), "per_seed": {
@@ -160,8 +160,11 @@ def test_verdicts_are_repeated_without_the_seeds_that_stalled():
     text = "\n".join(lines)
     assert "- `flat_lora`: no difference from lora detectable" in text and "left out: seed 3" in text
     assert "`lora_weight_decay`: " in text and "`lora`: " not in text  # the baseline is not judged against itself
+    (regime, _) = regime_lines(setting, "lora")  # the stall hides that the other 7 runs overfit
+    assert "train accuracy 93.0% (< 98%), 99.0% (≥ 98%) over the 7 runs that learned" in regime
     for v in setting["variants"].values():  # nothing stalled: nothing repeated
         for summary in v["per_seed"].values():
             summary["train_acc"] = 0.99
     add_statistics({"baseline": "lora", "settings": [setting]})
     assert learned_only_lines(setting, "lora") == []
+    assert "runs that learned" not in regime_lines(setting, "lora")[0]

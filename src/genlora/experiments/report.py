@@ -159,6 +159,12 @@ def regime_lines(setting: dict[str, Any], baseline: str) -> list[str]:
     if "train_acc" in st:
         acc = st["train_acc"]["mean"]
         lines.append(f"train accuracy {fmt(acc, 'train_acc')}% ({'≥' if acc >= 0.98 else '<'} 98%)")
+        learned = [s["train_acc"] for s in v["per_seed"].values()
+                   if s.get("train_acc") is not None and not did_not_learn(s)]
+        if 0 < len(learned) < st["train_acc"]["n"]:  # a stalled seed hides whether the others overfit
+            acc = sum(learned) / len(learned)
+            lines[-1] += (f", {fmt(acc, 'train_acc')}% ({'≥' if acc >= 0.98 else '<'} 98%) over the {len(learned)} "
+                          "runs that learned")
     rises = [s.get("val_loss_rise") for s in v["per_seed"].values() if s.get("val_loss_rise") is not None]
     if rises:
         up = sum(r > 0 for r in rises)
