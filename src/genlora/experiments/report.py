@@ -86,6 +86,7 @@ def add_statistics(results: dict[str, Any]) -> None:
         names = metric_names(s)
         head = headline(s)
         plain = plain_variants(s, base_name)
+        stalled_seeds = {n: {seed for seed, _ in runs} for n, runs in stalled_runs(s).items()}
         for name, v in s["variants"].items():
             values = {m: {int(seed): summ.get(m) for seed, summ in v["per_seed"].items()} for m in names}
             v["stats"] = {m: describe(values[m].values()) for m in names}
@@ -100,8 +101,7 @@ def add_statistics(results: dict[str, Any]) -> None:
                 v["versus"][other] = paired(values[head], ref[head])
                 # The same comparison without the seeds where either run did not learn: shows whether a difference
                 # is the other run's stall (a run at 50% moves a 10-seed mean by ~3 points) or the method.
-                stalled = {int(seed) for per in (v["per_seed"], ov) for seed, summ in per.items()
-                           if did_not_learn(summ)}
+                stalled = stalled_seeds.get(name, set()) | stalled_seeds.get(other, set())
                 if stalled:
                     learned = {seed: x for seed, x in values[head].items() if seed not in stalled}
                     v["versus_learned"][other] = {**paired(learned, ref[head]), "left_out": sorted(stalled)}
@@ -157,14 +157,14 @@ def regime_lines(setting: dict[str, Any], baseline: str) -> list[str]:
     st = v["stats"]
     lines = []
     if "train_acc" in st:
-        acc = st["train_acc"]["mean"]
-        lines.append(f"train accuracy {fmt(acc, 'train_acc')}% ({'≥' if acc >= 0.98 else '<'} 98%)")
+        def against_bar(acc: float) -> str:
+            return f"{fmt(acc, 'train_acc')}% ({'≥' if acc >= 0.98 else '<'} 98%)"
+
+        lines.append(f"train accuracy {against_bar(st['train_acc']['mean'])}")
         learned = [s["train_acc"] for s in v["per_seed"].values()
                    if s.get("train_acc") is not None and not did_not_learn(s)]
         if 0 < len(learned) < st["train_acc"]["n"]:  # a stalled seed hides whether the others overfit
-            acc = sum(learned) / len(learned)
-            lines[-1] += (f", {fmt(acc, 'train_acc')}% ({'≥' if acc >= 0.98 else '<'} 98%) over the {len(learned)} "
-                          "runs that learned")
+            lines[-1] += f", {against_bar(sum(learned) / len(learned))} over the {len(learned)} runs that learned"
     rises = [s.get("val_loss_rise") for s in v["per_seed"].values() if s.get("val_loss_rise") is not None]
     if rises:
         up = sum(r > 0 for r in rises)
