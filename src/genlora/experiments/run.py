@@ -174,8 +174,9 @@ def run(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, 
 
 def not_learned_message(summary: dict[str, float]) -> str:
     return (f"training accuracy {100 * summary['train_acc']:.1f}% is within {100 * STALL_MARGIN:.0f} points of always "
-            f"predicting the majority label ({100 * summary['train_majority_acc']:.1f}%): the run did not learn; a "
-            "lower training.lr or a longer training.warmup_ratio usually helps")
+            f"predicting the majority label ({100 * summary['train_majority_acc']:.1f}%): the run did not learn; "
+            "try a lower training.lr (in the measured text runs, 1e-3 instead of 2e-3 fixed it; a longer warmup did "
+            "not)")
 
 
 def _ids(data) -> list:
